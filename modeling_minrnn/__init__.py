@@ -1,0 +1,31 @@
+"""minrnn: minGRU / minLSTM causal language models as transformers models.
+
+Importing the package registers model_type "minrnn" with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, and
+marks the classes for remote code, so `save_pretrained` writes the code files and an `auto_map` that
+`from_pretrained(..., trust_remote_code=True)` loads where this package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_minrnn import MinRNNConfig
+from .modeling_minrnn import MinRNNForCausalLM, MinRNNModel, MinRNNPreTrainedModel
+from .scan import SCAN_BACKENDS, linear_recurrence
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MinRNNConfig.model_type, MinRNNConfig, exist_ok=True)
+AutoModel.register(MinRNNConfig, MinRNNModel, exist_ok=True)
+AutoModelForCausalLM.register(MinRNNConfig, MinRNNForCausalLM, exist_ok=True)
+MinRNNConfig.register_for_auto_class()
+MinRNNModel.register_for_auto_class("AutoModel")
+MinRNNForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "MinRNNConfig",
+    "MinRNNForCausalLM",
+    "MinRNNModel",
+    "MinRNNPreTrainedModel",
+    "SCAN_BACKENDS",
+    "linear_recurrence",
+]

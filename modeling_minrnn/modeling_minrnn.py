@@ -1,0 +1,358 @@
+"""minGRU / minLSTM causal language models ("Were RNNs All We Needed?", Feng et al. 2024, arXiv:2410.01201).
+
+Reading order: gate functions -> mixer (conv + cell + projection) -> block -> pretrained base -> model -> LM head.
+The recurrence itself lives in `scan.py`; this file only computes the cells' gates and wires the blocks.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
+from transformers.utils.import_utils import is_torchdynamo_compiling
+
+from .configuration_minrnn import MinRNNConfig
+from .scan import linear_recurrence
+
+
+logger = logging.get_logger(__name__)
+
+
+def log_g(x: torch.Tensor) -> torch.Tensor:
+    """log of the paper's positive activation `g(x) = x + 0.5 if x >= 0 else sigmoid(x)`."""
+    return torch.where(x >= 0, (F.relu(x) + 0.5).log(), -F.softplus(-x))
+
+
+def mingru_log_gates(k: torch.Tensor, h_tilde: torch.Tensor):
+    """minGRU: `h_t = (1 - z_t) h_{t-1} + z_t g(h~_t)` with `z_t = sigmoid(k_t)`. Returns `(log_a, log_b)`."""
+    log_z = -F.softplus(-k)
+    log_coeffs = -F.softplus(k)  # log(1 - z)
+    return log_coeffs, log_z + log_g(h_tilde)
+
+
+def minlstm_log_gates(f: torch.Tensor, i: torch.Tensor, h_tilde: torch.Tensor):
+    """minLSTM: `h_t = f'_t h_{t-1} + i'_t g(h~_t)` with the normalised gates `f' = f / (f + i)`, `i' = i / (f + i)`.
+
+    `log f' = -softplus(log i - log f)` and `log i' = -softplus(log f - log i)`, where `log f - log i` equals
+    `softplus(-i) - softplus(-f)` for sigmoid gates. Returns `(log_a, log_b)`.
+    """
+    diff = F.softplus(-f) - F.softplus(-i)  # log i - log f
+    log_f = -F.softplus(diff)
+    log_i = -F.softplus(-diff)
+    return log_f, log_i + log_g(h_tilde)
+
+
+_CELL_GATES = {"mingru": (2, mingru_log_gates), "minlstm": (3, minlstm_log_gates)}
+
+
+class MinRNNMixer(nn.Module):
+    """Causal depthwise conv (optional) -> minGRU/minLSTM cell at `recurrent_size` width -> projection back.
+
+    With a cache, the conv window and the recurrent state `h` live in the block's `LinearAttentionLayer`, so a
+    forward over new tokens continues exactly where the cached one stopped.
+    """
+
+    def __init__(self, config: MinRNNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.recurrent_size = config.recurrent_size
+        self.conv_kernel = config.conv_kernel
+        self.scan_backend = config.scan_backend
+        self.n_gates, self.log_gates = _CELL_GATES[config.cell_type]
+        if self.conv_kernel > 0:
+            self.conv1d = nn.Conv1d(
+                self.hidden_size, self.hidden_size, self.conv_kernel, groups=self.hidden_size,
+                padding=self.conv_kernel - 1,
+            )
+        self.in_proj = nn.Linear(self.hidden_size, self.n_gates * self.recurrent_size, bias=False)
+        self.out_proj = nn.Linear(self.recurrent_size, self.hidden_size, bias=False)
+
+    def causal_conv(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs."""
+        seq_len = x.shape[1]
+        x = x.transpose(1, 2)
+        if cache is not None:
+            # Returns the cached window followed by `x` (or `x` alone on the first call) and keeps the newest inputs.
+            x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel)
+        total = x.shape[-1]
+        return self.conv1d(x)[..., total - seq_len : total].transpose(1, 2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """`hidden_states` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)` bool, True = real token."""
+        initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        if padding_mask is not None:
+            hidden_states = hidden_states * padding_mask.unsqueeze(-1).to(hidden_states.dtype)
+        x = self.causal_conv(hidden_states, cache) if self.conv_kernel > 0 else hidden_states
+
+        # Gates in fp32 whatever the weights' dtype: the state accumulates over the whole sequence.
+        log_a, log_b = self.log_gates(*self.in_proj(x).float().chunk(self.n_gates, dim=-1))
+        if padding_mask is not None:
+            # a = 1, b = 0 at padding: the state passes through untouched.
+            keep = padding_mask.unsqueeze(-1)
+            log_a = log_a.masked_fill(~keep, 0.0)
+            log_b = log_b.masked_fill(~keep, float("-inf"))
+        states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend)
+
+        if cache is not None:
+            cache.update_recurrent_state(states[:, -1], self.layer_idx)
+            # Without a conv, nothing else marks the layer as holding a state (transformers sets the flag only in
+            # `update_conv_state`), and the next call would start from zeros.
+            cache.layers[self.layer_idx].has_previous_state[0] = True
+        return self.out_proj(states.to(self.out_proj.weight.dtype))
+
+
+class MinRNNMLP(nn.Module):
+    def __init__(self, config: MinRNNConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class MinRNNBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: `x + mixer(norm(x))`, then `x + mlp(norm(x))` when the MLP is enabled."""
+
+    def __init__(self, config: MinRNNConfig, layer_idx: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = MinRNNMixer(config, layer_idx)
+        if config.intermediate_size > 0:
+            self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+            self.mlp = MinRNNMLP(config)
+        else:
+            self.mlp_norm = self.mlp = None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.dropout(self.mixer(self.norm(hidden_states), padding_mask, cache))
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states
+
+
+class MinRNNPreTrainedModel(PreTrainedModel):
+    config: MinRNNConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MinRNNBlock"]
+    supports_gradient_checkpointing = True
+    # The state cannot be rolled back, so generate() refuses assisted decoding with a clear error.
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MinRNNMixer):
+            # GPT-2's scheme: residual-branch outputs scaled by 1/sqrt(2 * layers) keep the stream's variance flat.
+            std = self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
+            init.normal_(module.out_proj.weight, mean=0.0, std=std)
+            if module.conv_kernel > 0:
+                # A depthwise conv is a short moving average: a fan-in scaled init, as nn.Conv1d does.
+                init.kaiming_uniform_(module.conv1d.weight, a=5**0.5)
+                init.zeros_(module.conv1d.bias)
+        elif isinstance(module, MinRNNMLP):
+            std = self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
+            init.normal_(module.down_proj.weight, mean=0.0, std=std)
+
+
+def _padding_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, has_state: bool):
+    """Validate a `(batch, seq)` attention mask and return a bool mask for the current tokens, or None if all real.
+
+    During generation the mask covers the cached tokens too; only its last `seq_len` columns concern this call.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len or (
+        attention_mask.shape[1] > seq_len and not has_state
+    ):
+        raise ValueError(
+            f"`attention_mask` must have shape (batch, seq) = {(batch_size, seq_len)} (or cover the cached tokens "
+            f"too when a cache is passed); got {tuple(attention_mask.shape)}."
+        )
+    mask = attention_mask[:, attention_mask.shape[1] - seq_len :].bool()
+    if not is_torchdynamo_compiling() and bool(mask.all()):
+        return None
+    return mask
+
+
+def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
+    layers = getattr(cache, "layers", [])
+    if len(layers) < config.num_hidden_layers or not all(
+        isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers[: config.num_hidden_layers]
+    ):
+        raise ValueError(
+            "`cache` must hold one linear-attention layer per block: create it with "
+            "`DynamicCache(config=model.config)` or take the `cache` returned by a previous forward/generate."
+        )
+    state = layers[0].recurrent_states[0] if layers[0].has_previous_state[0] else None
+    if state is not None and state.shape[0] != batch_size:
+        raise ValueError(
+            f"`cache` holds states for batch size {state.shape[0]} but the input has batch size {batch_size}."
+        )
+
+
+class MinRNNModel(MinRNNPreTrainedModel):
+    def __init__(self, config: MinRNNConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([MinRNNBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; give these or `inputs_embeds`.
+        attention_mask (`(batch, seq)`): 1 for real tokens, 0 for padding; padding leaves the state untouched.
+        inputs_embeds (`(batch, seq, hidden)`): embeddings to use instead of `input_ids`.
+        cache (`Cache`): the recurrent state of earlier tokens (a `DynamicCache(config=...)` or one returned by an
+            earlier call); updated in place with the state after these tokens.
+        use_cache (`bool`): create a cache when none is given, and return it.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds` (got both or neither).")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must have shape (batch, seq); got {tuple(input_ids.shape)}.")
+            if not is_torchdynamo_compiling() and input_ids.numel() > 0:
+                low, high = int(input_ids.min()), int(input_ids.max())
+                if low < 0 or high >= self.config.vocab_size:
+                    raise ValueError(
+                        f"`input_ids` must be in [0, vocab_size={self.config.vocab_size}); got values in "
+                        f"[{low}, {high}]. Check that the tokenizer matches the model (or resize the embeddings)."
+                    )
+            inputs_embeds = self.embeddings(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, seq, hidden_size={self.config.hidden_size}); "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        batch_size, seq_len = inputs_embeds.shape[:2]
+
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            _check_cache(cache, self.config, batch_size)
+        has_state = cache is not None and cache.layers[0].has_previous_state[0]
+        padding_mask = _padding_mask(attention_mask, batch_size, seq_len, has_state)
+
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = block(hidden_states, padding_mask, cache)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        cache = cache if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+
+class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: MinRNNConfig):
+        super().__init__(config)
+        self.model = MinRNNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.model.set_input_embeddings(new_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq)`): targets for the next-token loss; shifted inside the
+            model, so `labels = input_ids` works. `-100` is ignored. `num_items_in_batch` (a keyword) normalises
+            the loss over gradient-accumulation steps.
+        logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (or these indices).
+
+        Other arguments as in `MinRNNModel.forward`.
+        """
+        if "past_key_values" in kwargs:
+            # A recurrent state silently ignored would decode from scratch; take the old name as the new one.
+            past = kwargs.pop("past_key_values")
+            if cache is None:
+                cache = past
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["MinRNNForCausalLM", "MinRNNModel", "MinRNNPreTrainedModel"]

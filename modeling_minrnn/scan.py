@@ -1,0 +1,187 @@
+"""The minRNN recurrence `h_t = a_t * h_{t-1} + b_t`, computed for a whole sequence.
+
+Both cells (minGRU, minLSTM) hand over their gates in log space, as in the paper: `log_a = log(a_t)` and
+`log_b = log(b_t)`, so that `0 < a_t < 1` and `b_t > 0` hold by construction. Padding enters as `log_a = 0,
+log_b = -inf` (a = 1, b = 0), which leaves the state untouched.
+
+One public entry point, `linear_recurrence`, dispatches to interchangeable backends:
+
+- `"sequential"`: the definition, one step at a time. Every other backend is tested against it.
+- `"log_space"`: the paper's parallel scan (Heinsen, 2023) with `cumsum` + `logcumsumexp`. Kept as the faithful
+  formulation; it loses precision at long lengths in fp32 (the running `cumsum(log_a)` grows without bound).
+- `"chunked"`: the default PyTorch path. Exact in linear space, `O(sqrt(T))` Python steps, with a hand-written
+  backward (the same recurrence run in reverse), so it stays accurate at any length and needs no autograd graph
+  over time steps.
+- `"cpu"`: a native multi-threaded loop (`scan_cpu.py`), used automatically for CPU tensors when it builds.
+- `"triton"`: fused GPU kernels (`scan_triton.py`), used automatically for CUDA tensors when Triton is present.
+
+All backends compute in fp32 whatever the input dtype and return fp32 states.
+"""
+
+import math
+
+import torch
+
+from .scan_cpu import cpu_scan, cpu_scan_available
+from .scan_triton import triton_scan, triton_scan_available
+
+
+SCAN_BACKENDS = ("auto", "sequential", "log_space", "chunked", "cpu", "triton")
+
+
+def _as_fp32(log_a, log_b, initial_state):
+    if log_a.shape != log_b.shape or log_a.dim() != 3:
+        raise ValueError(
+            f"`log_a` and `log_b` must both have shape (batch, seq, dim); got {tuple(log_a.shape)} and "
+            f"{tuple(log_b.shape)}."
+        )
+    batch, _, dim = log_a.shape
+    if initial_state is not None and tuple(initial_state.shape) != (batch, dim):
+        raise ValueError(
+            f"`initial_state` must have shape (batch, dim) = {(batch, dim)}; got {tuple(initial_state.shape)}."
+        )
+    to32 = lambda t: None if t is None else t.float()  # noqa: E731
+    return to32(log_a), to32(log_b), to32(initial_state)
+
+
+def sequential_scan(log_a, log_b, initial_state=None):
+    """Reference: `h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)`, one step at a time.
+
+    Args: `log_a`, `log_b` `(batch, seq, dim)`; `initial_state` `(batch, dim)` or None (zeros).
+    Returns: all states `(batch, seq, dim)`, fp32.
+    """
+    log_a, log_b, h = _as_fp32(log_a, log_b, initial_state)
+    a, b = log_a.exp(), log_b.exp()
+    if h is None:
+        h = a.new_zeros(a.shape[0], a.shape[2])
+    states = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
+def log_space_scan(log_a, log_b, initial_state=None):
+    """The paper's parallel scan in log space (Heinsen): `log h = a* + logcumsumexp(log_b - a*)`, `a* = cumsum(log_a)`.
+
+    The initial state enters linearly (`h0 * exp(a*)`), so it may have any sign.
+    Shapes as in `sequential_scan`.
+    """
+    log_a, log_b, initial_state = _as_fp32(log_a, log_b, initial_state)
+    a_star = log_a.cumsum(dim=1)
+    h = (a_star + torch.logcumsumexp(log_b - a_star, dim=1)).exp()
+    if initial_state is not None:
+        h = h + a_star.exp() * initial_state.unsqueeze(1)
+    return h
+
+
+def _chunked_forward(a, b, initial_state):
+    """Exact linear-space scan in `O(chunk + seq / chunk)` vectorised steps.
+
+    Each chunk is scanned locally from a zero state (all chunks at once), the chunk-end states are carried across
+    chunks, and each position then adds the carried state times its within-chunk decay. Products of `a` only span
+    one chunk, so nothing drifts with the sequence length.
+    """
+    batch, seq, dim = a.shape
+    chunk = max(1, min(seq, 2 ** round(math.log2(math.sqrt(seq)))))
+    pad = (-seq) % chunk
+    if pad:  # a = 1, b = 0 past the end: the state just passes through
+        a = torch.cat([a, a.new_ones(batch, pad, dim)], dim=1)
+        b = torch.cat([b, b.new_zeros(batch, pad, dim)], dim=1)
+    n_chunks = a.shape[1] // chunk
+    a = a.view(batch, n_chunks, chunk, dim)
+    b = b.view(batch, n_chunks, chunk, dim)
+
+    decay = torch.cumprod(a, dim=2)  # a_s * ... * a_t within the chunk, from its start to t
+    local = torch.empty_like(b)
+    local[:, :, 0] = b[:, :, 0]
+    for t in range(1, chunk):
+        torch.addcmul(b[:, :, t], a[:, :, t], local[:, :, t - 1], out=local[:, :, t])
+
+    carry = a.new_zeros(batch, dim) if initial_state is None else initial_state
+    carries = []  # state entering each chunk
+    for c in range(n_chunks):
+        carries.append(carry)
+        carry = torch.addcmul(local[:, c, -1], decay[:, c, -1], carry)
+    carries = torch.stack(carries, dim=1).unsqueeze(2)
+    h = torch.addcmul(local, decay, carries).view(batch, n_chunks * chunk, dim)
+    return h[:, :seq]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_a, log_b, initial_state):
+        a, b = log_a.exp(), log_b.exp()
+        h = _chunked_forward(a, b, initial_state)
+        ctx.save_for_backward(a, b, h, initial_state)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, b, h, initial_state = ctx.saved_tensors
+        # dL/dh_t = g_t + a_{t+1} dL/dh_{t+1}: the forward recurrence, run backwards in time.
+        a_next = torch.cat([a[:, 1:], a.new_zeros(a.shape[0], 1, a.shape[2])], dim=1)
+        grad_state = _chunked_forward(a_next.flip(1), grad_h.float().flip(1), None).flip(1)
+        h_prev = torch.cat(
+            [(h.new_zeros(h.shape[0], 1, h.shape[2]) if initial_state is None else initial_state.unsqueeze(1)),
+             h[:, :-1]],
+            dim=1,
+        )
+        grad_log_a = grad_state * h_prev * a
+        grad_log_b = grad_state * b
+        grad_initial = None if initial_state is None else grad_state[:, 0] * a[:, 0]
+        return grad_log_a, grad_log_b, grad_initial
+
+
+def chunked_scan(log_a, log_b, initial_state=None):
+    """Default PyTorch backend: exact at any length, backward by the reverse recurrence. Shapes as `sequential_scan`."""
+    log_a, log_b, initial_state = _as_fp32(log_a, log_b, initial_state)
+    return _ChunkedScan.apply(log_a, log_b, initial_state)
+
+
+def resolve_backend(backend, tensor):
+    """Return the concrete backend name that `linear_recurrence` would use for `tensor`."""
+    if backend is None or backend == "auto":
+        if tensor.is_cuda and triton_scan_available(tensor):
+            return "triton"
+        if tensor.device.type == "cpu" and cpu_scan_available():
+            return "cpu"
+        return "chunked"
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"Unknown scan backend {backend!r}; valid backends are {SCAN_BACKENDS}.")
+    if backend == "cpu" and not (tensor.device.type == "cpu" and cpu_scan_available()):
+        raise RuntimeError(
+            "scan backend 'cpu' needs CPU tensors and a working C++ compiler; use backend='auto' to fall back."
+        )
+    if backend == "triton" and not triton_scan_available(tensor):
+        raise RuntimeError("scan backend 'triton' needs Triton and a CUDA tensor; use backend='auto' to fall back.")
+    return backend
+
+
+_BACKEND_FUNCTIONS = {
+    "sequential": sequential_scan,
+    "log_space": log_space_scan,
+    "chunked": chunked_scan,
+    "cpu": cpu_scan,
+    "triton": triton_scan,
+}
+
+
+def linear_recurrence(log_a, log_b, initial_state=None, backend=None):
+    """Compute `h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)` for every t.
+
+    Args:
+        log_a: `(batch, seq, dim)` log of the decay, `<= 0`.
+        log_b: `(batch, seq, dim)` log of the input term (`-inf` for padding).
+        initial_state: `(batch, dim)` state before the first step, or None for zeros.
+        backend: one of `SCAN_BACKENDS`; None or `"auto"` picks the fastest available.
+    Returns:
+        `(batch, seq, dim)` fp32 states; the final state is `h[:, -1]`.
+    """
+    name = resolve_backend(backend, log_a)
+    if log_a.shape[1] == 1 and name != "triton":
+        # A single decoding step: one fused multiply-add, no kernel launch or graph worth having.
+        log_a, log_b, initial_state = _as_fp32(log_a, log_b, initial_state)
+        h = log_b.exp()
+        return h if initial_state is None else torch.addcmul(h, log_a.exp(), initial_state.unsqueeze(1))
+    return _BACKEND_FUNCTIONS[name](log_a, log_b, initial_state)

@@ -1,0 +1,350 @@
+"""Native CPU backend for the linear recurrence ``h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)``.
+
+A small C++ kernel, compiled on first use with ``torch.utils.cpp_extension.load_inline``
+and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``; torch's lock file there keeps concurrent builds safe).
+The source lives in this file as a string so that the package stays flat ``.py`` files,
+which transformers copies as remote code.
+
+Forward and backward are each one fused pass over time, parallel over
+(batch x blocks of channels), with ``exp`` computed inline in a loop the compiler
+vectorises, so the cost stays near that of a few elementwise passes (memory bound).
+
+Public surface: :func:`cpu_scan_available` and :func:`cpu_scan`. Set
+``MINRNN_DISABLE_CPU_EXT=1`` to force the PyTorch backends.
+"""
+
+import hashlib
+import os
+import sys
+import threading
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+_DISABLE_ENV = "MINRNN_DISABLE_CPU_EXT"
+
+# `{namespace}` is replaced by a name unique to this source, flags and torch version, so
+# that two versions of this file (the package and a remote-code copy) never collide.
+_CPP_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+namespace {
+
+// One build per instruction set; the dynamic loader picks the widest the CPU has, so a
+// cached build stays valid on any x86-64 machine that shares the cache directory.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
+    (!defined(__clang__) || __clang_major__ >= 14)
+#define MINRNN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MINRNN_CLONES
+#endif
+
+// Channels per task: 64 floats = 4 cache lines; a task never shares a line it writes.
+constexpr int64_t kMaxWidth = 64;
+constexpr int64_t kMinWidth = 16;
+
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline int32_t float_to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+
+// exp(x) in fp32 written so the loop around it vectorises (std::exp is an opaque libm
+// call). Cody-Waite reduction to r in [-ln2/2, ln2/2] and the Cephes degree-6
+// polynomial: ~1 ulp, like libm. Clamping to [-104, 89] keeps 2^n finite; the scale is
+// applied in two halves so that subnormal results and overflow to inf round as IEEE
+// would, exp(-inf) (padding) is exactly 0, and NaN propagates through the polynomial.
+__attribute__((always_inline)) inline float exp_f32(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound rounds x to an integer
+  float xc = x < -104.0f ? -104.0f : x;
+  xc = xc > 89.0f ? 89.0f : xc;
+  const float shifted = xc * kLog2e + kRound;
+  const float n = shifted - kRound;
+  const int32_t ni = float_to_bits(shifted) - float_to_bits(kRound);
+  float r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t half = ni >> 1;
+  return p * bits_to_float((half + 127) << 23) * bits_to_float((ni - half + 127) << 23);
+}
+
+// Pointers are at (batch b, t = 0, first channel of the block); rows are `dim` apart.
+MINRNN_CLONES
+void forward_block(const float* __restrict log_a, const float* __restrict log_b,
+                   const float* __restrict h0, float* __restrict h,
+                   int64_t seq, int64_t dim, int64_t width) {
+  float state[kMaxWidth];
+  for (int64_t d = 0; d < width; ++d) state[d] = h0[d];
+  for (int64_t t = 0; t < seq; ++t) {
+    const int64_t o = t * dim;
+    for (int64_t d = 0; d < width; ++d) {
+      state[d] = exp_f32(log_a[o + d]) * state[d] + exp_f32(log_b[o + d]);
+      h[o + d] = state[d];
+    }
+  }
+}
+
+// The adjoint recurrence, run backwards: dh_t = g_t + a_{t+1} dh_{t+1}, carried as
+// `carry` = a_{t+1} dh_{t+1}. Reads g, log_a, log_b and h_{t-1} once, writes both grads.
+MINRNN_CLONES
+void backward_block(const float* __restrict log_a, const float* __restrict log_b,
+                    const float* __restrict h0, const float* __restrict h,
+                    const float* __restrict grad_h, float* __restrict grad_log_a,
+                    float* __restrict grad_log_b, float* __restrict grad_h0,
+                    int64_t seq, int64_t dim, int64_t width) {
+  float carry[kMaxWidth];
+  for (int64_t d = 0; d < width; ++d) carry[d] = 0.0f;
+  for (int64_t t = seq - 1; t >= 0; --t) {
+    const int64_t o = t * dim;
+    const float* __restrict h_prev = t > 0 ? h + o - dim : h0;
+    for (int64_t d = 0; d < width; ++d) {
+      const float dh = grad_h[o + d] + carry[d];
+      const float a = exp_f32(log_a[o + d]);
+      grad_log_a[o + d] = dh * a * h_prev[d];
+      grad_log_b[o + d] = dh * exp_f32(log_b[o + d]);
+      carry[d] = a * dh;
+    }
+  }
+  for (int64_t d = 0; d < width; ++d) grad_h0[d] = carry[d];
+}
+
+void check_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor");
+}
+
+// Runs fn(batch_offset, channel_offset, width) over all (batch, channel block) tasks,
+// halving the block width (down to one cache line) until every thread has work.
+template <typename Fn>
+void for_each_block(int64_t batch, int64_t dim, const Fn& fn) {
+  int64_t width = kMaxWidth;
+  while (width > kMinWidth && batch * ((dim + width - 1) / width) < 2 * at::get_num_threads()) {
+    width /= 2;
+  }
+  const int64_t per_row = (dim + width - 1) / width;
+  at::parallel_for(0, batch * per_row, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t d0 = (i % per_row) * width;
+      fn(i / per_row, d0, std::min(width, dim - d0));
+    }
+  });
+}
+
+at::Tensor initial_or_zeros(const std::optional<at::Tensor>& initial_state,
+                            const at::Tensor& log_a) {
+  if (initial_state.has_value()) {
+    check_input(*initial_state, "initial_state");
+    TORCH_CHECK(initial_state->dim() == 2 && initial_state->size(0) == log_a.size(0) &&
+                    initial_state->size(1) == log_a.size(2),
+                "initial_state must have shape (batch, dim)");
+    return *initial_state;
+  }
+  return at::zeros({log_a.size(0), log_a.size(2)}, log_a.options());
+}
+
+at::Tensor scan_forward(const at::Tensor& log_a, const at::Tensor& log_b,
+                        const std::optional<at::Tensor>& initial_state) {
+  check_input(log_a, "log_a");
+  check_input(log_b, "log_b");
+  TORCH_CHECK(log_a.dim() == 3 && log_a.sizes() == log_b.sizes(),
+              "log_a and log_b must have the same shape (batch, seq, dim)");
+  const at::Tensor h0 = initial_or_zeros(initial_state, log_a);
+  at::Tensor h = at::empty_like(log_a);
+  const int64_t seq = log_a.size(1), dim = log_a.size(2);
+  const float* la = log_a.data_ptr<float>();
+  const float* lb = log_b.data_ptr<float>();
+  const float* h0p = h0.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  for_each_block(log_a.size(0), dim, [&](int64_t b, int64_t d0, int64_t width) {
+    const int64_t o = b * seq * dim + d0;
+    forward_block(la + o, lb + o, h0p + b * dim + d0, hp + o, seq, dim, width);
+  });
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
+    const at::Tensor& log_a, const at::Tensor& log_b,
+    const std::optional<at::Tensor>& initial_state, const at::Tensor& h,
+    const at::Tensor& grad_h) {
+  check_input(log_a, "log_a");
+  check_input(log_b, "log_b");
+  check_input(h, "h");
+  check_input(grad_h, "grad_h");
+  TORCH_CHECK(log_a.dim() == 3 && log_a.sizes() == log_b.sizes() &&
+                  log_a.sizes() == h.sizes() && log_a.sizes() == grad_h.sizes(),
+              "log_a, log_b, h and grad_h must have the same shape (batch, seq, dim)");
+  const at::Tensor h0 = initial_or_zeros(initial_state, log_a);
+  at::Tensor grad_log_a = at::empty_like(log_a);
+  at::Tensor grad_log_b = at::empty_like(log_b);
+  at::Tensor grad_h0 = at::empty_like(h0);
+  const int64_t seq = log_a.size(1), dim = log_a.size(2);
+  const float* la = log_a.data_ptr<float>();
+  const float* lb = log_b.data_ptr<float>();
+  const float* h0p = h0.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  const float* gp = grad_h.data_ptr<float>();
+  float* gla = grad_log_a.data_ptr<float>();
+  float* glb = grad_log_b.data_ptr<float>();
+  float* gh0 = grad_h0.data_ptr<float>();
+  for_each_block(log_a.size(0), dim, [&](int64_t b, int64_t d0, int64_t width) {
+    const int64_t o = b * seq * dim + d0;
+    const int64_t s = b * dim + d0;
+    backward_block(la + o, lb + o, h0p + s, hp + o, gp + o, gla + o, glb + o, gh0 + s,
+                   seq, dim, width);
+  });
+  return {grad_log_a, grad_log_b, grad_h0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY({namespace}, m) {
+  m.def("forward(Tensor log_a, Tensor log_b, Tensor? initial_state) -> Tensor");
+  m.def("backward(Tensor log_a, Tensor log_b, Tensor? initial_state, Tensor h, "
+        "Tensor grad_h) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL({namespace}, CPU, m) {
+  m.impl("forward", &scan_forward);
+  m.impl("backward", &scan_backward);
+}
+"""
+
+# at::parallel_for is an inline OpenMP region in torch's headers: without -fopenmp it
+# would run on one thread. The extension then shares torch's own libgomp (same soname).
+_CFLAGS = ["-O3", "-fopenmp"] if sys.platform.startswith("linux") else ["-O3"]
+_LDFLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+_lock = threading.Lock()
+_ops = None
+_load_failed = False
+
+
+def _load_ops():
+    """Builds (first time on this machine, ~30-90 s) or loads the extension; None on failure."""
+    global _ops, _load_failed
+    with _lock:
+        if _ops is None and not _load_failed:
+            key = "\n".join([_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__])
+            namespace = "minrnn_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                load_inline(
+                    name=namespace,
+                    cpp_sources=[_CPP_SOURCE.replace("{namespace}", namespace)],
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=_LDFLAGS,
+                    is_python_module=False,
+                    no_implicit_headers=True,
+                )
+                _ops = getattr(torch.ops, namespace)
+            except Exception as error:  # no compiler, headers, ninja, setuptools, ...
+                _load_failed = True
+                reason = (str(error).strip().splitlines() or [""])[0][:200]
+                logger.warning(
+                    f"minrnn: native CPU scan unavailable ({type(error).__name__}: {reason}); "
+                    "using the PyTorch scan."
+                )
+        return _ops
+
+
+def cpu_scan_available() -> bool:
+    """Whether :func:`cpu_scan` can run: builds or loads the extension once, never raises.
+
+    False when ``MINRNN_DISABLE_CPU_EXT=1`` or when the build fails (one warning is logged).
+    """
+    if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
+        return False
+    return _load_ops() is not None
+
+
+class _CpuScan(torch.autograd.Function):
+    """Autograd wrapper over the native kernels; inputs are contiguous fp32 CPU tensors."""
+
+    @staticmethod
+    def forward(ctx, log_a, log_b, initial_state):
+        h = _ops.forward(log_a, log_b, initial_state)
+        ctx.save_for_backward(log_a, log_b, initial_state, h)
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h):
+        log_a, log_b, initial_state, h = ctx.saved_tensors
+        grad_log_a, grad_log_b, grad_initial = _ops.backward(
+            log_a, log_b, initial_state, h, grad_h.contiguous()
+        )
+        return grad_log_a, grad_log_b, grad_initial if initial_state is not None else None
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"`{name}` must be on the CPU for cpu_scan, got device {tensor.device}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"`{name}` must have a floating-point dtype, got {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"`{name}` must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def cpu_scan(
+    log_a: torch.Tensor, log_b: torch.Tensor, initial_state: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """All states of ``h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)`` with the native kernel.
+
+    Args:
+        log_a: (batch, seq, dim) log decay, any float dtype; computed in fp32.
+        log_b: (batch, seq, dim) log input; ``-inf`` (padding) contributes exactly 0.
+        initial_state: (batch, dim) state before the first step, or None for zeros.
+
+    Returns:
+        h: (batch, seq, dim) fp32; the final state is ``h[:, -1]``. Differentiable in
+        all three inputs (first order).
+    """
+    if not isinstance(log_a, torch.Tensor) or log_a.dim() != 3:
+        shape = tuple(log_a.shape) if isinstance(log_a, torch.Tensor) else type(log_a).__name__
+        raise ValueError(f"`log_a` must be a tensor of shape (batch, seq, dim), got {shape}")
+    batch, _, dim = log_a.shape
+    _check_tensor("log_a", log_a, tuple(log_a.shape))
+    _check_tensor("log_b", log_b, tuple(log_a.shape))
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, (batch, dim))
+        initial_state = initial_state.float().contiguous()
+    if not cpu_scan_available():
+        raise RuntimeError(
+            "cpu_scan: the native CPU extension is not available (see the warning above, or "
+            f"{_DISABLE_ENV} is set); check cpu_scan_available() and use a PyTorch backend"
+        )
+    return _CpuScan.apply(log_a.float().contiguous(), log_b.float().contiguous(), initial_state)
