@@ -96,8 +96,9 @@ def _usage(repo_id: str, revision: str | None) -> str:
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})
-# trust_remote_code: the minGRU/minLSTM code ships with the checkpoint (configuration_minrnn.py, modeling_minrnn.py).
+# trust_remote_code: the minGRU/minLSTM code ships with the checkpoint (configuration_minrnn.py, modeling_minrnn.py);
+# AutoTokenizer reads config.json too, so it needs the flag as well.
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev}, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, trust_remote_code=True)
 
 inputs = tokenizer("{USAGE_PROMPT}", return_tensors="pt")
@@ -171,6 +172,12 @@ def render_model_card(
         else f"Loss curve: {NOT_RECORDED}."
     )
     data_note = f"`{dataset}`" if dataset is not None else "its training data (not recorded)"
+    eval_note = (
+        "The evaluation numbers above are those the pretraining script recorded on its evaluation split of "
+        "the training data; they say nothing about other domains."
+        if summary.get("final_eval_loss") is not None
+        else "No evaluation was recorded for this checkpoint."
+    )
 
     return f"""---
 {metadata}---
@@ -210,11 +217,10 @@ token costs the same at any context length.
 
 ## Limitations
 
-- A small research model trained on {data_note} only: it imitates the style of that text and
+- A research model trained on {data_note} only: it imitates the style of that text and
   produces fluent-looking but made-up content. It is not instruction-tuned, not aligned, and not
   suitable for factual or safety-relevant use.
-- The evaluation numbers above are measured on held-out text from the same source, if recorded;
-  they say nothing about other domains.
+- {eval_note}
 - A fixed-size recurrent state must compress the whole context: exact recall of details far back
   in a long prompt is weaker than in a Transformer of similar size.
 - Loading runs the model code shipped in this repository (`trust_remote_code=True`); review it first.

@@ -72,6 +72,7 @@ class MinRNNMixer(nn.Module):
             )
         self.in_proj = nn.Linear(self.hidden_size, self.n_gates * self.recurrent_size, bias=False)
         self.out_proj = nn.Linear(self.recurrent_size, self.hidden_size, bias=False)
+        self.out_proj.is_residual_output = True
 
     def causal_conv(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs."""
@@ -114,6 +115,7 @@ class MinRNNMLP(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj.is_residual_output = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x)))
@@ -152,17 +154,16 @@ class MinRNNPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, MinRNNMixer):
+        # transformers initialises leaf modules last (and skips modules without parameters of their own), so the
+        # special cases are recognised on the leaves themselves.
+        if isinstance(module, nn.Conv1d):
+            # A depthwise conv over a few positions: fan-in scaled, as nn.Conv1d's own init (std 0.02 would mute it).
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and getattr(module, "is_residual_output", False):
             # GPT-2's scheme: residual-branch outputs scaled by 1/sqrt(2 * layers) keep the stream's variance flat.
             std = self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
-            init.normal_(module.out_proj.weight, mean=0.0, std=std)
-            if module.conv_kernel > 0:
-                # A depthwise conv is a short moving average: a fan-in scaled init, as nn.Conv1d does.
-                init.kaiming_uniform_(module.conv1d.weight, a=5**0.5)
-                init.zeros_(module.conv1d.bias)
-        elif isinstance(module, MinRNNMLP):
-            std = self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
-            init.normal_(module.down_proj.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
 
 
 def _padding_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, has_state: bool):

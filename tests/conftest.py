@@ -1,0 +1,64 @@
+import os
+import sys
+
+import pytest
+import torch
+
+
+# Tests run the package from this checkout whether or not it is installed.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(**overrides):
+    """A model small enough for exhaustive checks; a wide init so that greedy outputs vary from token to token."""
+    from modeling_minrnn import MinRNNConfig
+
+    values = dict(
+        vocab_size=48,
+        hidden_size=32,
+        num_hidden_layers=2,
+        expansion_factor=1.5,
+        conv_kernel=4,
+        intermediate_size=64,
+        initializer_range=0.4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        # Untied: a random tied model's greedy choice is mostly the input token itself, which tests nothing.
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return MinRNNConfig(**values)
+
+
+def tiny_model(seed=0, **overrides):
+    from modeling_minrnn import MinRNNForCausalLM
+
+    torch.manual_seed(seed)
+    return MinRNNForCausalLM(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture
+def char_tokenizer():
+    """A character-level `PreTrainedTokenizerFast` over printable ASCII, built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )

@@ -1,0 +1,271 @@
+"""The model against itself: full forward == forward through the cache == token-by-token, in every setting."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import tiny_config, tiny_model
+from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
+from modeling_minrnn.modeling_minrnn import log_g, minlstm_log_gates, mingru_log_gates
+
+
+CELLS_AND_CONVS = [("mingru", 4), ("mingru", 0), ("minlstm", 4), ("minlstm", 0)]
+
+
+def test_gates_follow_the_paper():
+    x = torch.linspace(-6, 6, 101)
+    g = torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+    torch.testing.assert_close(log_g(x).exp(), g)
+
+    k, h_tilde = torch.randn(2, 50)
+    log_a, log_b = mingru_log_gates(k, h_tilde)
+    z = torch.sigmoid(k)
+    torch.testing.assert_close(log_a.exp(), 1 - z)
+    torch.testing.assert_close(log_b.exp(), z * log_g(h_tilde).exp())
+
+    f, i, h_tilde = torch.randn(3, 50)
+    log_a, log_b = minlstm_log_gates(f, i, h_tilde)
+    f_, i_ = torch.sigmoid(f), torch.sigmoid(i)
+    torch.testing.assert_close(log_a.exp(), f_ / (f_ + i_))
+    torch.testing.assert_close(log_b.exp(), i_ / (f_ + i_) * log_g(h_tilde).exp())
+
+
+@pytest.mark.parametrize("cell_type,conv_kernel", CELLS_AND_CONVS)
+def test_full_forward_equals_cached_prefix_suffix_and_token_by_token(cell_type, conv_kernel):
+    model = tiny_model(cell_type=cell_type, conv_kernel=conv_kernel)
+    ids = torch.randint(3, 48, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+
+        for split in (1, 2, 6):  # shorter and longer than the conv window
+            first = model(ids[:, :split], use_cache=True)
+            second = model(ids[:, split:], cache=first.cache, use_cache=True)
+            torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-5, atol=1e-5)
+
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sequential", "log_space", "chunked", "auto"])
+def test_every_scan_backend_gives_the_same_model(backend):
+    reference = tiny_model(scan_backend="sequential")
+    model = tiny_model(scan_backend=backend)
+    ids = torch.randint(3, 48, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_deprecated_past_key_values_name_still_carries_the_state():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (1, 8))
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :5], use_cache=True)
+        second = model(ids[:, 5:], past_key_values=first.cache, use_cache=True)
+    torch.testing.assert_close(second.logits, full[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_weights_stay_close_to_fp32():
+    """Stated tolerance: bf16 weights and activations, fp32 scan: logits within 0.15 of fp32 (std ~1.5)."""
+    model = tiny_model(initializer_range=0.1)
+    ids = torch.randint(3, 48, (2, 64))
+    with torch.no_grad():
+        ref = model(ids).logits
+        model_bf16 = tiny_model(initializer_range=0.1).to(torch.bfloat16)
+        out = model_bf16(ids, use_cache=True)
+        assert out.cache.layers[0].recurrent_states[0].dtype == torch.float32
+        assert (out.logits.float() - ref).abs().max().item() < 0.15
+
+
+def test_left_padded_batch_equals_each_row_alone():
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(3, 48, (n,), generator=gen) for n in (9, 4, 6)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        for i, r in enumerate(rows):
+            alone = model(r[None]).logits
+            torch.testing.assert_close(batched[i, width - len(r) :], alone[0], rtol=1e-5, atol=1e-5)
+            alone_gen = model.generate(r[None], max_new_tokens=6, do_sample=False)
+            assert torch.equal(generated[i, width:], alone_gen[0, len(r) :])
+
+
+def test_padding_in_the_middle_leaves_the_state_untouched():
+    model = tiny_model(conv_kernel=0)
+    ids = torch.randint(3, 48, (1, 10))
+    mask = torch.ones_like(ids)
+    mask[:, 4:7] = 0
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        kept = torch.cat([ids[:, :4], ids[:, 7:]], 1)
+        torch.testing.assert_close(padded[:, 7:], model(kept).logits[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell_type", ["mingru", "minlstm"])
+def test_generate_with_cache_equals_without_greedy_and_beam(cell_type):
+    model = tiny_model(seed=1, cell_type=cell_type)
+    ids = torch.randint(3, 48, (2, 7), generator=torch.Generator().manual_seed(1))
+    for kwargs in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}):
+        with_cache = model.generate(ids, max_new_tokens=10, **kwargs)
+        without = model.generate(ids, max_new_tokens=10, use_cache=False, **kwargs)
+        assert torch.equal(with_cache, without), kwargs
+    assert len(set(with_cache[0, 7:].tolist())) > 1, "degenerate test: greedy output is constant"
+
+
+def test_beam_search_returns_several_sequences_consistent_with_full_forward():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (1, 5))
+    out = model.generate(
+        ids, max_new_tokens=5, num_beams=4, num_return_sequences=3, do_sample=False,
+        output_scores=True, return_dict_in_generate=True,
+    )
+    assert out.sequences.shape == (3, 10)
+    # Each returned beam's score is its log-probability under a plain full forward.
+    with torch.no_grad():
+        logp = model(out.sequences).logits.log_softmax(-1)
+    token_logp = logp[:, 4:-1].gather(-1, out.sequences[:, 5:, None]).squeeze(-1).sum(-1)
+    # length_penalty=1: the sum over the 5 generated tokens divided by 5.
+    torch.testing.assert_close(out.sequences_scores, token_logp / 5, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_with_num_return_sequences_is_reproducible():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 5))
+    torch.manual_seed(7)
+    first = model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3, top_k=10)
+    torch.manual_seed(7)
+    second = model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3, top_k=10, use_cache=False)
+    assert first.shape == (6, 13) and torch.equal(first, second)
+
+
+def test_continuing_from_a_returned_cache_equals_one_long_generate():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 6))
+    long = model.generate(ids, max_new_tokens=12, do_sample=False)
+    part = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    # The cache has consumed all but the last generated token: pass only that one.
+    rest = model.generate(part.sequences[:, -1:], cache=part.cache, max_new_tokens=7, do_sample=False)
+    assert torch.equal(torch.cat([part.sequences, rest[:, 1:]], 1), long)
+
+
+def test_generate_from_inputs_embeds_matches_input_ids():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 6))
+    from_ids = model.generate(ids, max_new_tokens=6, do_sample=False)
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=6, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, 6:])
+
+
+def test_static_cache_with_torch_compile_matches_eager():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 6))
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False)
+    static = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, eager)
+    model.forward = torch.compile(model.forward, dynamic=False, fullgraph=False)
+    compiled = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(compiled, eager)
+
+
+def test_assisted_decoding_is_refused_with_a_clear_error():
+    model, assistant = tiny_model(), tiny_model(seed=1)
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(torch.randint(3, 48, (1, 4)), assistant_model=assistant, max_new_tokens=3)
+
+
+def test_outputs_hidden_states_tuple_and_loss_normalisation():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 9))
+    out = model(ids, labels=ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    as_tuple = model(ids, labels=ids, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.loss)
+    torch.testing.assert_close(as_tuple[1], out.logits)
+    # Gradient accumulation: a sum over tokens divided by the count across micro-batches.
+    summed = model(ids, labels=ids, num_items_in_batch=torch.tensor(100)).loss
+    torch.testing.assert_close(summed, out.loss * (2 * 8) / 100)
+    assert model(ids, logits_to_keep=1).logits.shape == (2, 1, 48)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        model = tiny_model(dropout=0.1).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids = torch.randint(3, 48, (2, 12), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(3)
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_weight_init_really_applies():
+    config = tiny_config(hidden_size=256, intermediate_size=512, num_hidden_layers=4, initializer_range=0.02,
+        tie_word_embeddings=True,
+    )
+    model = MinRNNForCausalLM(config)
+    std = lambda t: t.float().std().item()  # noqa: E731
+    assert abs(std(model.model.embeddings.weight) - 0.02) < 0.002
+    assert abs(std(model.model.layers[0].mixer.in_proj.weight) - 0.02) < 0.002
+    assert abs(std(model.model.layers[0].mixer.out_proj.weight) - 0.02 / 8**0.5) < 0.001
+    assert abs(std(model.model.layers[0].mlp.down_proj.weight) - 0.02 / 8**0.5) < 0.001
+    assert torch.equal(model.model.layers[0].norm.weight, torch.ones(256))
+    assert model.lm_head.weight is model.model.embeddings.weight
+
+
+def test_resize_token_embeddings_keeps_tying_and_runs():
+    model = tiny_model(tie_word_embeddings=True)
+    model.resize_token_embeddings(60)
+    assert model.config.vocab_size == 60 and model.lm_head.weight.shape == (60, 32)
+    assert model.lm_head.weight is model.model.embeddings.weight
+    assert model(torch.tensor([[59, 3]])).logits.shape == (1, 2, 60)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"cell_type": "mingrux"}, "cell_type"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"num_hidden_layers": -1}, "num_hidden_layers"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"conv_kernel": -2}, "conv_kernel"),
+        ({"intermediate_size": -1}, "intermediate_size"),
+        ({"expansion_factor": 0.0}, "expansion_factor"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"scan_backend": "fast"}, "scan_backend"),
+    ],
+)
+def test_invalid_config_values_are_rejected(kwargs, message):
+    with pytest.raises(Exception, match=message):
+        MinRNNConfig(**kwargs)
+
+
+def test_bad_inputs_get_clear_errors():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 5))
+    with pytest.raises(ValueError, match="vocab_size=48"):
+        model(torch.tensor([[3, 48]]))
+    with pytest.raises(ValueError, match="vocab_size=48"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.ones(2, 7))
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, inputs_embeds=model.get_input_embeddings()(ids))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="DynamicCache\\(config="):
+        model(ids, cache=DynamicCache())
+    with pytest.raises(ValueError, match="batch size 2"):
+        model(ids[:1], cache=model(ids, use_cache=True).cache)

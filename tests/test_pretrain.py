@@ -1,0 +1,270 @@
+"""scripts/pretrain.py: the main job end to end, data parallelism, exact resume, early errors.
+
+Runs are real subprocesses (`accelerate launch` or `python`) on a tiny model; each takes seconds.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "pretrain.py"
+sys.path.insert(0, str(REPO / "scripts"))
+
+import pretrain  # noqa: E402
+from text_data import PackedBlocks, load_text_splits, split_by_characters  # noqa: E402
+
+# A model and data small enough that process start-up dominates each run.
+TINY = [
+    "--hidden-size", "32", "--num-hidden-layers", "1", "--intermediate-size", "64", "--block-size", "32",
+    "--tokenizer-vocab-size", "300", "--eval-batches", "2", "--sample-tokens", "8", "--log-with", "none",
+    "--warmup-steps", "2", "--lr", "3e-3",
+]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    return env
+
+
+def run(args, *, launcher=(sys.executable,), timeout=300, check=True):
+    """Run pretrain.py with `args`; returns the CompletedProcess (output captured)."""
+    result = subprocess.run([*launcher, str(SCRIPT), *args], cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pretrain.py {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def accelerate_launch(*flags):
+    return (sys.executable, "-m", "accelerate.commands.launch", *flags)
+
+
+def train_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in train_log(output_dir) if "loss" in r}
+
+
+# ------------------------------------------------------------------------------------------------ the main job
+
+
+def test_main_job_learns_and_output_loads(tmp_path):
+    """The no-argument recipe (fewer steps): loss falls; the folder loads as remote code and generates."""
+    out = tmp_path / "tiny"
+    result = run(["--max-steps", "16", "--eval-every", "8", "--save-every", "8", "--output-dir", str(out)],
+                 launcher=accelerate_launch("--num_processes", "1", "--cpu"))
+    assert "eval loss" in result.stdout and "perplexity" in result.stdout and "--- sample ---" in result.stdout
+    losses = step_losses(out)
+    first, last = sum(losses[s] for s in (1, 2)) / 2, sum(losses[s] for s in (15, 16)) / 2
+    assert last < first - 0.3, f"training loss did not fall: {first:.3f} -> {last:.3f}"
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["dataset"] == "pydoc_data.topics" and summary["steps"] == 16
+    assert summary["tokens_seen"] == 16 * 16 * 128
+    assert summary["final_eval_loss"] < math.log(1024) and summary["config"]["max_steps"] == 16
+    assert math.isclose(summary["final_eval_perplexity"], math.exp(summary["final_eval_loss"]))
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+    # Loaded where the package is not importable: only the folder's own code files serve.
+    check = f"""
+import sys
+sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
+generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+text = generator("The class", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+assert text.startswith("The class") and len(text) > len("The class"), text
+print("OK", repr(text))
+"""
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and "OK" in loaded.stdout, loaded.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ data parallel
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 gloo processes x 4 rows == 1 process x 8 rows: different shards per process, same trajectory."""
+    common = [*TINY, "--max-steps", "5", "--eval-every", "5", "--save-every", "5"]
+    run([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    run([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
+        launcher=accelerate_launch("--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+                                   "--dynamo_backend", "no", "--main_process_port", "0"))
+    one, two = train_log(tmp_path / "one"), train_log(tmp_path / "two")
+    steps_two = [r for r in two if "loss" in r]
+    assert all(len(r["batch_crc32"]) == 2 and r["batch_crc32"][0] != r["batch_crc32"][1] for r in steps_two), \
+        "the two processes trained on the same rows"
+    for a, b in zip([r for r in one if "loss" in r], steps_two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
+    eval_one = json.loads((tmp_path / "one" / "training_summary.json").read_text())["final_eval_loss"]
+    eval_two = json.loads((tmp_path / "two" / "training_summary.json").read_text())["final_eval_loss"]
+    assert eval_one == pytest.approx(eval_two, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
+    """Killed after a checkpoint (possibly mid-save), `--resume` continues bit for bit: data, RNG (dropout), AdamW."""
+    common = [*TINY, "--batch-size", "4", "--dropout", "0.1", "--max-steps", "30", "--eval-every", "10"]
+    reference = tmp_path / "reference"
+    run([*common, "--save-every", "30", "--output-dir", str(reference)])
+
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *common, "--save-every", "3", "--output-dir", str(crashed)],
+                               cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while pretrain.latest_checkpoint(str(crashed)) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
+    assert not (crashed / "training_summary.json").exists()
+
+    resumed = run([*common, "--save-every", "3", "--output-dir", str(crashed), "--resume"])
+    start = int(resumed.stdout.split("resuming at step ")[1].split()[0])
+    assert 3 <= start < 30
+    expected, got = step_losses(reference), step_losses(crashed)
+    assert sorted(got) == list(range(1, 31))
+    assert [got[s] for s in range(start + 1, 31)] == [expected[s] for s in range(start + 1, 31)]
+    final = [json.loads((d / "training_summary.json").read_text())["final_eval_loss"] for d in (reference, crashed)]
+    assert final[0] == final[1]
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in (("step-0000004", True), ("step-0000008", False), (".tmp-step-0000012", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / pretrain.COMPLETE_MARKER).write_text("{}")
+    assert pretrain.latest_checkpoint(str(tmp_path)) == root / "step-0000004"
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    config = pretrain.TrainConfig(output_dir=str(tmp_path))
+    saved = {"config": {**pretrain.dataclasses.asdict(config), "lr": 1.0, "eval_every": 7}, "world_size": 1}
+    with pytest.raises(pretrain.ConfigError, match=r"lr: 1.0 -> 0.003") as info:
+        pretrain.check_resumable(config, saved, 1, tmp_path)
+    assert "eval_every" not in str(info.value)
+    with pytest.raises(pretrain.ConfigError, match=r"processes: 1 -> 2"):
+        pretrain.check_resumable(config, {**saved, "config": pretrain.dataclasses.asdict(config)}, 2, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ settings, data
+
+
+def test_recipe_and_overrides():
+    config, resume = pretrain.parse_args(["--max-steps", "50", "--lr=1e-3", "--streaming", "--dataset", "x.txt", "--resume"])
+    assert (config.max_steps, config.lr, config.streaming, config.dataset, resume) == (50, 1e-3, True, "x.txt", True)
+    assert config.hidden_size == 128  # from configs/tiny.yaml
+    shakespeare, _ = pretrain.parse_args(["--config", str(REPO / "configs" / "shakespeare_char.yaml")])
+    assert (shakespeare.char_level, shakespeare.num_hidden_layers, shakespeare.hidden_size, shakespeare.block_size,
+            shakespeare.batch_size, shakespeare.dropout, shakespeare.lr, shakespeare.min_lr, shakespeare.max_steps) == (
+        True, 6, 384, 256, 64, 0.2, 1e-3, 1e-4, 5000)
+    web, _ = pretrain.parse_args(["--config", str(REPO / "configs" / "web_125m.yaml")])
+    assert web.streaming and web.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-stepz", "5"], r"unknown setting 'max_stepz'. Valid settings: .*max_steps"),
+    (["--lr", "fast"], r"lr='fast' is not a valid float"),
+    (["--block-size", "0"], r"block_size=0 must be >= 1"),
+    (["--config", "nope.yaml"], r"--config nope.yaml: no such file"),
+    (["stray"], r"unexpected argument 'stray'"),
+])
+def test_bad_settings_are_clear_errors(argv, message):
+    with pytest.raises(pretrain.ConfigError, match=message):
+        pretrain.parse_args(argv)
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_steps: 5\nhiden_size: 3\n")
+    with pytest.raises(pretrain.ConfigError, match=r"r.yaml: unknown setting 'hiden_size'"):
+        pretrain.parse_args(["--config", str(recipe)])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "missing/file.txt"], r"matches no readable file"),
+    (["--dataset", "EMPTY"], r"has no text"),
+    (["--block-size", "200000"], r"block_size=200000 is larger than the validation data"),
+    (["--vocab-size", "100"], r"vocab_size=100 is smaller than the tokenizer's 300 tokens"),
+])
+def test_bad_input_fails_before_training(tmp_path, extra, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    extra = [str(empty) if arg == "EMPTY" else arg for arg in extra]
+    result = run([*TINY, "--output-dir", str(tmp_path / "out"), *extra], check=False)
+    assert result.returncode != 0
+    assert "error: " in result.stderr and __import__("re").search(message, result.stderr), result.stderr[-2000:]
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+
+
+def test_text_file_split_is_nanogpt_and_blocks_are_exact(tmp_path):
+    path = tmp_path / "a.txt"
+    text = "".join(chr(65 + i % 26) for i in range(1000))
+    path.write_text(text)
+    splits = load_text_splits(str(path))
+    assert splits.train == [text[:900]] and splits.validation == [text[900:]]
+    assert split_by_characters(["abcd", "efgh"], 0.25) == (["abcd", "ef"], ["gh"])
+
+    import numpy as np
+
+    tokens = np.arange(103)
+    blocks = PackedBlocks(tokens, block_size=10, seed=1)
+    assert blocks.blocks_per_epoch == 9
+    # Two processes' rows of a global batch are the single process's rows, in order.
+    whole = blocks.batch(3, batch_size=4)
+    assert (np.concatenate([blocks.batch(3, 2, rank, 2) for rank in (0, 1)]) == whole).all()
+    epoch = np.concatenate([blocks.batch(i, 1) for i in range(9)])
+    offset = int(epoch[0, 0]) % 10
+    assert sorted(int(row[0]) for row in epoch) == [offset + 10 * k for k in range(9)]
+    assert all((row == np.arange(row[0], row[0] + 10)).all() for row in epoch)
+
+
+def test_streamed_blocks_resume_exactly(tmp_path):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from text_data import StreamedBlocks
+    from train_tokenizer import train_char_tokenizer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"body": f"document {i} " * (i % 5 + 1)}) + "\n" for i in range(200)))
+    train_char_tokenizer(["document 0123456789 "]).save_pretrained(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+
+    def blocks():
+        splits = load_text_splits(str(data), text_column="body", streaming=True, val_documents=10)
+        return StreamedBlocks(splits.train, tokenizer, block_size=16, eos_token_id=tokenizer.eos_token_id)
+
+    first = blocks()
+    first.batch(3)
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = [first.batch(3) for _ in range(4)]
+    second = blocks()
+    second.load_state_dict(state)
+    assert all((second.batch(3) == want).all() for want in expected)
+    stream = np.concatenate([b.ravel() for b in expected])
+    assert tokenizer.eos_token_id in stream
+
+
+def test_learning_rate_schedule():
+    config = pretrain.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert pretrain.lr_at(0, config) == pytest.approx(0.1)
+    assert pretrain.lr_at(9, config) == pytest.approx(1.0)
+    assert pretrain.lr_at(60, config) == pytest.approx(0.55)
+    assert pretrain.lr_at(110, config) == pytest.approx(0.1)

@@ -1,0 +1,203 @@
+"""The native CPU scan (`modeling_minrnn/scan_cpu.py`) against a float64 loop over time written here."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modeling_minrnn.scan_cpu import cpu_scan, cpu_scan_available
+
+
+pytestmark = pytest.mark.skipif(
+    not cpu_scan_available(), reason="the native CPU scan extension cannot be built here (no compiler?)"
+)
+
+
+def reference_scan(log_a, log_b, initial_state=None):
+    """h_t = exp(log_a_t) h_{t-1} + exp(log_b_t), one step at a time, in float64 with autograd."""
+    a, b = log_a.double().exp(), log_b.double().exp()
+    h = a.new_zeros(a.shape[0], a.shape[2]) if initial_state is None else initial_state.double()
+    states = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
+def make_inputs(batch, seq, dim, with_initial, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    log_a = torch.nn.functional.logsigmoid(torch.randn(batch, seq, dim, generator=generator) + 2)
+    log_b = torch.randn(batch, seq, dim, generator=generator) - 1
+    initial = torch.randn(batch, dim, generator=generator) if with_initial else None
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()  # noqa: E731
+    return cast(log_a), cast(log_b), cast(initial)
+
+
+def grads(fn, inputs, grad_h):
+    h = fn(*inputs)
+    wanted = [t for t in inputs if t is not None]
+    return h, torch.autograd.grad(h, wanted, grad_h.to(h.dtype))
+
+
+def assert_close_to_reference(actual, expected, rtol=1e-5):
+    """fp32 result vs float64 reference: errors relative to the largest magnitude in the tensor."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 37, 19), (1, 1, 5), (3, 64, 1030), (1, 50, 33), (4, 8, 16)],
+    ids=["odd", "one_step_batch_1", "rows_over_1024", "batch_1_split", "one_cache_line"],
+)
+@pytest.mark.parametrize("with_initial", [False, True], ids=["zero_state", "initial_state"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_and_backward_match_reference(shape, with_initial, threads):
+    inputs = make_inputs(*shape, with_initial)
+    grad_h = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the split of rows into tasks depends on it
+    try:
+        h, got = grads(cpu_scan, inputs, grad_h)
+    finally:
+        torch.set_num_threads(previous)
+    h_ref, expected = grads(reference_scan, inputs, grad_h)
+    assert h.dtype == torch.float32 and h.shape == shape
+    assert_close_to_reference(h, h_ref)
+    for name, g, g_ref in zip(["log_a", "log_b", "initial_state"], got, expected):
+        assert g.dtype == torch.float32, name
+        assert_close_to_reference(g, g_ref)
+
+
+def test_bf16_inputs_compute_in_fp32_and_return_bf16_grads():
+    inputs = make_inputs(2, 40, 24, with_initial=True, dtype=torch.bfloat16)
+    grad_h = torch.randn(2, 40, 24)
+    h, got = grads(cpu_scan, inputs, grad_h)
+    h_ref, expected = grads(reference_scan, inputs, grad_h)  # the same bf16 values, upcast
+    assert h.dtype == torch.float32
+    assert_close_to_reference(h, h_ref)
+    for g, g_ref in zip(got, expected):
+        assert g.dtype == torch.bfloat16
+        assert_close_to_reference(g.float(), g_ref, rtol=1e-2)  # one bf16 rounding of the fp32 grad
+
+
+def test_padding_leaves_state_untouched_with_zero_grads():
+    log_a, log_b, initial = make_inputs(3, 30, 20, with_initial=True)
+    pad = torch.zeros(3, 30, 1, dtype=torch.bool)
+    pad[0, :7] = True  # left padding
+    pad[1, 10:15] = True  # a gap
+    pad[2, -4:] = True  # right padding
+    pad = pad.expand(3, 30, 20)
+    log_a = torch.where(pad, 0.0, log_a.detach()).requires_grad_()
+    log_b = torch.where(pad, float("-inf"), log_b.detach()).requires_grad_()
+    grad_h = torch.randn(3, 30, 20)
+    h, (g_a, g_b, g_init) = grads(cpu_scan, (log_a, log_b, initial), grad_h)
+    h_ref, expected = grads(reference_scan, (log_a, log_b, initial), grad_h)
+    for tensor in (h, g_a, g_b, g_init):
+        assert torch.isfinite(tensor).all()
+    assert torch.equal(h[0, :7], initial[0].detach().float().expand(7, 20))
+    assert torch.equal(h[1, 10:15], h[1, 9:10].expand(5, 20))
+    assert torch.equal(g_b[pad], torch.zeros_like(g_b[pad]))
+    assert_close_to_reference(h, h_ref)
+    for g, g_ref in zip((g_a, g_b, g_init), expected):
+        assert_close_to_reference(g, g_ref)
+
+
+def test_exp_edge_values():
+    """The kernel's own exp: exact 0 at -inf, subnormal and overflow ranges, NaN propagates."""
+    log_b = torch.tensor([float("-inf"), -200.0, -103.5, -95.0, -87.0, -1e-3, 0.0, 1.5, 88.5, 89.0, 1e4])
+    log_b = log_b.view(1, -1, 1).repeat(1, 1, 17)  # through the vector loop, not only the remainder
+    h = cpu_scan(torch.full_like(log_b, float("-inf")), log_b)  # a = 0: h_t = exp(log_b_t)
+    torch.testing.assert_close(h, log_b.exp(), rtol=2e-7, atol=0.0)
+    assert h[0, 0].eq(0).all() and h[0, -1].isinf().all()
+    nan_h = cpu_scan(torch.full((1, 3, 17), float("nan")), torch.zeros(1, 3, 17))
+    assert nan_h.isnan().all()
+
+
+def test_backward_matches_finite_differences():
+    """The backward is the derivative of this forward (not only of the reference): central differences."""
+    log_a, log_b, initial = make_inputs(1, 12, 16, with_initial=True)
+    weights = torch.randn(1, 12, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    loss = lambda *args: (cpu_scan(*args).double() * weights).sum().item()  # noqa: E731
+    h = cpu_scan(log_a, log_b, initial)
+    got = torch.autograd.grad(h, (log_a, log_b, initial), weights.float())
+    eps = 1e-2
+    with torch.no_grad():
+        for position, (tensor, grad) in enumerate(zip((log_a, log_b, initial), got)):
+            for index in ([(0, 3)] if tensor.dim() == 2 else [(0, 0, 0), (0, 5, 7), (0, 11, 15)]):
+                shifted = [t.clone() for t in (log_a, log_b, initial)]
+                shifted[position][index] += eps
+                up = loss(*shifted)
+                shifted[position][index] -= 2 * eps
+                down = loss(*shifted)
+                assert (up - down) / (2 * eps) == pytest.approx(grad[index].item(), rel=2e-3, abs=1e-4)
+
+
+def test_long_sequence_stays_accurate():
+    """T = 65,536 with slow decays (memory of ~10^4 steps): no drift, unlike a fp32 log-space scan."""
+    generator = torch.Generator().manual_seed(3)
+    log_a = -torch.empty(1, 65536, 4).uniform_(-9.0, -2.0, generator=generator).exp()
+    log_b = torch.randn(1, 65536, 4, generator=generator)
+    log_a.requires_grad_()
+    log_b.requires_grad_()
+    grad_h = torch.randn(1, 65536, 4, generator=generator)
+    h, got = grads(cpu_scan, (log_a, log_b), grad_h)
+    h_ref, expected = grads(reference_scan, (log_a, log_b), grad_h)
+    assert_close_to_reference(h, h_ref)
+    for g, g_ref in zip(got, expected):
+        assert_close_to_reference(g, g_ref)
+
+
+def test_rejects_bad_arguments():
+    log_a = torch.zeros(2, 5, 3)
+    with pytest.raises(ValueError, match="log_a.*shape"):
+        cpu_scan(torch.zeros(2, 5), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="log_b.*shape"):
+        cpu_scan(log_a, torch.zeros(2, 5, 4))
+    with pytest.raises(ValueError, match="initial_state.*shape"):
+        cpu_scan(log_a, log_a, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="log_b.*floating-point"):
+        cpu_scan(log_a, torch.zeros(2, 5, 3, dtype=torch.long))
+
+
+def test_env_var_disables_extension(monkeypatch):
+    monkeypatch.setenv("MINRNN_DISABLE_CPU_EXT", "1")
+    assert not cpu_scan_available()
+    with pytest.raises(RuntimeError, match="MINRNN_DISABLE_CPU_EXT"):
+        cpu_scan(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+
+
+def _run_python(code, **env):
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))), **env}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_failed_build_reports_unavailable_without_raising(tmp_path):
+    result = _run_python(
+        "from modeling_minrnn.scan_cpu import cpu_scan_available\n"
+        "print('available', cpu_scan_available(), cpu_scan_available())",
+        CXX=str(tmp_path / "no-such-compiler"),
+        TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "available False False" in result.stdout
+    assert result.stderr.count("native CPU scan unavailable") == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_concurrent_first_builds_share_one_cache(tmp_path):
+    """Two processes compiling into an empty cache at once (torch's lock file serialises them)."""
+    code = (
+        "import torch\nfrom modeling_minrnn.scan_cpu import cpu_scan\n"
+        "x = torch.linspace(-3, 0, 24).view(1, 8, 3)\nprint(cpu_scan(x, x).sum().item())"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+           "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].strip()
