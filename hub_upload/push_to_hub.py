@@ -32,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `hub_upload` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hub_upload.model_card import LOSS_CURVE_FILE, check_training_summary, render_model_card  # noqa: E402
+from hub_upload.model_card import CELL_NAMES, LOSS_CURVE_FILE, check_training_summary, render_model_card
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -54,7 +54,7 @@ import runpy, sys
 class _BlockPackages:
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in {BLOCKED_PACKAGES!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked to verify the checkpoint's own code)", name=name)
+            raise ModuleNotFoundError(f"{{name!r}} is blocked: the checkpoint must load its own code", name=name)
         return None
 sys.meta_path.insert(0, _BlockPackages())
 sys.argv = sys.argv[1:]
@@ -128,7 +128,9 @@ def _weight_files(checkpoint: Path) -> list[str]:
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (checkpoint / s).is_file()]
         if not shards or missing:
-            raise PublishError(f"{WEIGHTS_INDEX_FILE} lists shards missing from {checkpoint}: {missing or 'none listed'}")
+            raise PublishError(
+                f"{WEIGHTS_INDEX_FILE} lists shards missing from {checkpoint}: {missing or 'none listed'}"
+            )
         return [WEIGHTS_INDEX_FILE, *shards]
     raise PublishError(
         f"no safetensors weights in {checkpoint} (expected {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}); "
@@ -149,7 +151,9 @@ def collect_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[list[str], di
         raise PublishError(f"--checkpoint {checkpoint_dir}: no config.json; is this a save_pretrained folder?")
     config = _read_json(checkpoint / "config.json")
     if config.get("model_type") != "minrnn":
-        raise PublishError(f"{checkpoint / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'minrnn'")
+        raise PublishError(
+            f"{checkpoint / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'minrnn'"
+        )
     tokenizer = [name for name in TOKENIZER_FILES if (checkpoint / name).is_file()]
     if not {"tokenizer.json", "tokenizer_config.json"} & set(tokenizer):
         raise PublishError(
@@ -163,8 +167,8 @@ def collect_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[list[str], di
         if problems:
             raise PublishError("; ".join(problems))
     optional = [name for name in OPTIONAL_FILES if (checkpoint / name).is_file()]
-    files = sorted(set(["config.json", *_weight_files(checkpoint), *_code_files(checkpoint, config), *tokenizer,
-                        *optional]))
+    files = sorted({"config.json", *_weight_files(checkpoint), *_code_files(checkpoint, config), *tokenizer,
+                    *optional})
     return files, config, summary
 
 
@@ -183,7 +187,7 @@ def verify_staged(staged: Path) -> dict:
         try:
             proc = subprocess.run(
                 [sys.executable, "-c", _VERIFY_PRELUDE, str(VERIFY_SCRIPT), str(staged)],
-                cwd=scratch, env=env, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S,
+                cwd=scratch, env=env, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S, check=False,
             )
         except subprocess.TimeoutExpired as err:
             raise PublishError(f"checkpoint verification did not finish in {VERIFY_TIMEOUT_S} s") from err
@@ -230,11 +234,14 @@ def _hub_errors(endpoint: str, repo_id: str, token: str):
         first_line = (str(err).strip().splitlines() or [""])[0]
         raise PublishError(f"the Hub at {endpoint} answered {status} for {repo_id}: {_redact(first_line, token)}") \
             from None
+    except ValueError as err:  # huggingface_hub's word for a rejected input: repo id, card metadata
+        raise PublishError(f"the Hub at {endpoint} refused the upload to {repo_id}: {_redact(str(err), token)}") \
+            from None
 
 
 def _upload(api, staged: Path, files: list[str], repo_id: str, *, private: bool, revision: str | None,
             commit_message: str) -> tuple[str, str, str, bool]:
-    """One commit of ``files`` from ``staged``; returns (repo url, commit sha, commit url, whether a commit was made)."""
+    """One commit of ``files`` from ``staged``; returns (repo url, commit sha, commit url, new commit?)."""
     from huggingface_hub import CommitOperationAdd
 
     with _hub_errors(api.endpoint, repo_id, api.token):
@@ -305,7 +312,7 @@ def push_checkpoint(
         leaked = [name for name in published if token.encode() in (staged / name).read_bytes()]
         if leaked:
             raise PublishError(f"refusing to upload: {', '.join(leaked)} contain(s) your access token")
-        cell = {"mingru": "minGRU", "minlstm": "minLSTM"}.get(config.get("cell_type"), "minRNN")
+        cell = CELL_NAMES.get(config.get("cell_type"), "minRNN")
         tokens = (summary or {}).get("tokens_seen")
         default_message = f"Upload {cell} checkpoint" + (f" ({tokens:,} tokens seen)" if tokens is not None else "")
         result.repo_url, result.commit_sha, result.commit_url, result.new_commit = _upload(
@@ -346,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, size in result.files.items():
         print(f"  {name:40s} {_format_size(size):>10s}")
     if result.skipped:
-        print(f"Not published (not part of a Hub model repo): {', '.join(result.skipped)}")
+        more = len(result.skipped) - 10
+        shown = ", ".join(result.skipped[:10]) + (f" and {more} more" if more > 0 else "")
+        print(f"Not published (not part of a Hub model repo): {shown}")
     if result.dry_run:
         print("\n----- README.md -----\n" + result.card + "----- end of README.md -----")
         print("Dry run: nothing was uploaded.")

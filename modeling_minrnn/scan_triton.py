@@ -185,11 +185,12 @@ if _HAS_TRITON:
                     h_prev = tl.where((times == 0)[:, None], h0[None, :], h_prev)
                 tl.store(d_log_a_ptr + offsets, dh * a * h_prev, mask=mask)
                 tl.store(d_log_b_ptr + offsets, dh * b, mask=mask)
-        if STORE_GRADS and HAS_H0:
-            if chunk == 0:
-                a_first = tl.exp(tl.load(log_a_ptr + batch * seq * dim + channels, mask=channel_mask,
-                                         other=0.0).to(tl.float32))
-                tl.store(d_h0_ptr + batch * dim + channels, a_first * carry, mask=channel_mask)
+        if STORE_GRADS:
+            if HAS_H0:
+                if chunk == 0:
+                    a_first = tl.exp(tl.load(log_a_ptr + batch * seq * dim + channels, mask=channel_mask,
+                                             other=0.0).to(tl.float32))
+                    tl.store(d_h0_ptr + batch * dim + channels, a_first * carry, mask=channel_mask)
         if STORE_SUMMARY:
             summary = (batch * num_chunks + chunk) * dim + channels
             tl.store(decay_ptr + summary, total_decay, mask=channel_mask)

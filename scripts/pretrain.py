@@ -469,6 +469,9 @@ def train(config: TrainConfig, resume: bool) -> dict:
     disable_progress_bar()  # save_pretrained's own bars would break the training bar's line
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
+        # Without any accelerator, say so: accelerate then joins torchrun's processes over gloo
+        # (`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine).
+        cpu=not torch.accelerator.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.log_with == "none" else config.log_with,

@@ -45,6 +45,8 @@ LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 INITIAL_GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+# A few of the license ids the Hub accepts in card metadata (it rejects others).
+KNOWN_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "gpl-3.0", "other")
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -65,7 +67,8 @@ class HubFile:
 
     @property
     def pointer(self) -> bytes:
-        return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.content)}\n".encode()
+        spec = "version https://git-lfs.github.com/spec/v1"
+        return f"{spec}\noid sha256:{self.sha256}\nsize {len(self.content)}\n".encode()
 
     @property
     def blob_oid(self) -> str:
@@ -125,7 +128,6 @@ class LoopbackHub:
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, verified
         self._pending_lfs: dict[str, bytes] = {}  # uploaded, not yet verified
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
-        self.request_headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
@@ -134,7 +136,7 @@ class LoopbackHub:
         self.cdn = f"http://localhost:{self.port}"  # another host name: the client treats it as a CDN
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "LoopbackHub":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -211,7 +213,6 @@ def _make_handler(hub: LoopbackHub):
             self.query = parse_qs(split.query)
             with hub._lock:
                 hub.requests.append((self.command, split.path))
-                hub.request_headers.append(dict(self.headers))
             for methods, pattern, name in compiled:
                 match = pattern.match(split.path)
                 if match and self.command in methods:
@@ -291,6 +292,9 @@ def _make_handler(hub: LoopbackHub):
                 raise _HubError(400, "Invalid YAML", errors=[{"message": str(err)}]) from err
             if not isinstance(metadata, dict):
                 raise _HubError(400, "Invalid YAML", errors=[{"message": "metadata must be a YAML mapping"}])
+            if "license" in metadata and metadata["license"] not in KNOWN_LICENSES:
+                message = f"\"license\" must be one of the Hub's license ids, got {metadata['license']!r}"
+                raise _HubError(400, "Invalid metadata", errors=[{"message": message}])
             self._send_json(200, {"warnings": []})
 
         def do_repo_info(self, body, repo, rev="main"):

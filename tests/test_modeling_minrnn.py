@@ -269,3 +269,15 @@ def test_bad_inputs_get_clear_errors():
         model(ids, cache=DynamicCache())
     with pytest.raises(ValueError, match="batch size 2"):
         model(ids[:1], cache=model(ids, use_cache=True).cache)
+
+
+def test_layer_parity_at_65536_tokens():
+    """A small layer over 65,536 tokens: the default scan equals the step-by-step definition."""
+    model = tiny_model(hidden_size=8, intermediate_size=0, num_hidden_layers=1, expansion_factor=1.0, vocab_size=16)
+    ids = torch.randint(0, 16, (1, 65536), generator=torch.Generator().manual_seed(0))
+    reference = tiny_model(
+        hidden_size=8, intermediate_size=0, num_hidden_layers=1, expansion_factor=1.0, vocab_size=16,
+        scan_backend="sequential",
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)

@@ -21,8 +21,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT / "tests"), str(REPO_ROOT)]
-from hub_server import LoopbackHub  # noqa: E402
-from hub_upload.model_card import check_training_summary, render_model_card  # noqa: E402
+from hub_server import LoopbackHub
+
+from hub_upload.model_card import check_training_summary, render_model_card
 
 PUSH_SCRIPT = REPO_ROOT / "hub_upload" / "push_to_hub.py"
 TOKEN = "hf_loopbackSecretToken1234567890"
@@ -121,7 +122,7 @@ def client_env(endpoint: str, home: Path, token: str | None = TOKEN) -> dict:
 
 def run_push(*args: str, endpoint: str, home: Path, token: str | None = TOKEN) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(PUSH_SCRIPT), *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env=client_env(endpoint, home, token), timeout=300)
+                          env=client_env(endpoint, home, token), timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,7 @@ def test_push_makes_one_commit_with_the_hub_files(published, checkpoint, hub):
     sha = hub.repos[REPO_ID].branches["main"]
     assert f"Commit: {sha}" in proc.stdout
     assert hub.commit_count(REPO_ID) == 2  # the repo's initial commit + ours
+    assert hub.repos[REPO_ID].messages[sha] == "Upload minGRU checkpoint (320 tokens seen)"
     files = hub.files(REPO_ID)
     code = {p.name for p in checkpoint[0].glob("*.py")}  # what save_pretrained wrote: auto_map + relative imports
     assert {"configuration_minrnn.py", "modeling_minrnn.py"} <= code
@@ -190,7 +192,7 @@ def test_model_card_metadata_and_facts(published, checkpoint, hub):
 
 
 def test_hub_copy_loads_without_the_package_and_matches(published, checkpoint, hub, tmp_path):
-    """Fresh process, package blocked, empty cache: from_pretrained(repo_id) reproduces logits; the card's snippet runs."""
+    """Fresh process, package blocked, empty cache: from_pretrained(repo_id) reproduces logits; card snippet runs."""
     _, reference = checkpoint
     card = hub.files(REPO_ID)["README.md"].content.decode()
     snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
@@ -207,7 +209,7 @@ print("RESULT", json.dumps({{"logits": logits.tolist(), "generated": out.tolist(
 print("SNIPPET")
 """ + snippet
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=client_env(hub.endpoint, tmp_path / "hf_home", token=None))
+                          env=client_env(hub.endpoint, tmp_path / "hf_home", token=None), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()  # transformers may print notes about remote code first
     result = json.loads(next(line for line in lines if line.startswith("RESULT ")).removeprefix("RESULT "))
@@ -221,7 +223,7 @@ def test_reupload_of_unchanged_checkpoint_makes_no_commit(published, checkpoint,
     commits, head = hub.commit_count(REPO_ID), hub.repos[REPO_ID].branches["main"]
     proc = run_push("--checkpoint", str(folder), "--repo-id", REPO_ID, endpoint=hub.endpoint, home=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert f"no new commit made" in proc.stdout and head in proc.stdout
+    assert "no new commit made" in proc.stdout and head in proc.stdout
     assert hub.commit_count(REPO_ID) == commits and hub.repos[REPO_ID].branches["main"] == head
     assert ("PUT", f"/lfs-upload/{hub.files(REPO_ID)['model.safetensors'].sha256}") in hub.requests  # once, first push
     assert sum(method == "PUT" for method, _ in hub.requests) == 2  # weights + loss curve, never again
@@ -277,6 +279,16 @@ def test_checkpoint_whose_tokenizer_disagrees_is_refused(checkpoint, hub, tmp_pa
     assert not any(method in ("PUT", "POST") and "commit" in path for method, path in hub.requests[seen:])
 
 
+def test_card_metadata_rejected_by_the_hub_is_reported(checkpoint, hub, tmp_path):
+    folder, _ = checkpoint
+    before = folder_digest(folder)
+    proc = run_push("--checkpoint", str(folder), "--repo-id", "alice/licensed", "--license", "my-own-license",
+                    endpoint=hub.endpoint, home=tmp_path)
+    _assert_refused(proc, "refused the upload to alice/licensed: Invalid metadata in README.md", folder, before)
+    assert "'my-own-license'" in proc.stderr
+    assert hub.commit_count("alice/licensed") == 1  # created, but nothing committed
+
+
 def test_no_token_is_refused(checkpoint, hub, tmp_path):
     folder, _ = checkpoint
     before = folder_digest(folder)
@@ -309,8 +321,9 @@ def test_card_says_not_recorded_for_absent_facts():
     card = render_model_card("bob/x", config, {"num_parameters": 1234}, None, license="mit", revision="dev")
     metadata = yaml.safe_load(re.match(r"\A---\n(.*?)\n---\n", card, re.DOTALL).group(1))
     assert metadata["license"] == "mit" and "minLSTM" in metadata["tags"] and "datasets" not in metadata
-    for line in ("| Dataset | not recorded |", "| Tokens seen | not recorded |", "| Final eval loss (nats/token) | "
-                 "not recorded |", "Loss curve: not recorded.", "No evaluation was recorded", "| Parameters | 1,234 (1.2K) |",
+    for line in ("| Dataset | not recorded |", "| Tokens seen | not recorded |",
+                 "| Final eval loss (nats/token) | not recorded |", "Loss curve: not recorded.",
+                 "No evaluation was recorded", "| Parameters | 1,234 (1.2K) |",
                  "Each block: LayerNorm -> minLSTM (expanded, projected back) -> residual; no MLP.",
                  'AutoModelForCausalLM.from_pretrained("bob/x", revision="dev", trust_remote_code=True)'):
         assert line in card

@@ -1,0 +1,133 @@
+"""Pieces shared by the paper-reproduction scripts (`selective_copying.py`, `shakespeare_compare.py`).
+
+Settings: a dataclass of defaults, overridden by a YAML file (`--config`) and then by `--key value` options.
+Results: a markdown table printed and written to `results.md`, per-model curves in `history.json`, and a PNG
+with one line per model against steps and against wall-clock.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = SCRIPTS_DIR.parent
+# The package imports from a checkout too, before (or without) `pip install -e .`.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(1, str(REPO_ROOT))
+
+
+def _parser_type(annotation):
+    """An argparse `type` for a dataclass field: `int`, `float`, `str`, `bool`, `X | None`, or `list[X]` (a,b,c)."""
+    optional = type(None) in typing.get_args(annotation)
+    base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+    if typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        return lambda text: [item(part) for part in text.split(",") if part]
+    if base is bool:
+        def to_bool(text):
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return to_bool
+
+    def convert(text):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        # `int("1e5")` fails; go through float for integers written in scientific notation.
+        return int(float(text)) if base is int else base(text)
+    return convert
+
+
+def parse_settings(settings_cls, argv: list[str] | None, description: str):
+    """`settings_cls` filled from its defaults, then `--config FILE` (YAML), then `--key value` options.
+
+    Unknown keys in the YAML file or on the command line are errors that list the valid keys.
+    """
+    fields = {f.name: f for f in dataclasses.fields(settings_cls)}
+    hints = typing.get_type_hints(settings_cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of settings (keys as below, with underscores)")
+    for name in fields:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_parser_type(hints[name]), default=None)
+    args = parser.parse_args(argv)
+
+    values = {}
+    if args.config is not None:
+        import yaml
+
+        with open(args.config) as handle:
+            recipe = yaml.safe_load(handle) or {}
+        unknown = sorted(set(recipe) - set(fields))
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown setting(s) {unknown}; valid settings: {sorted(fields)}")
+        values.update(recipe)
+    values.update({name: value for name, value in vars(args).items() if name in fields and value is not None})
+    settings = settings_cls(**values)
+    settings.validate()
+    return settings
+
+
+def setup_torch(num_threads: int, device: str):
+    """Thread count and device (`"auto"` = CUDA when available) for an experiment; returns the `torch.device`."""
+    import torch
+
+    if num_threads > 0:
+        # On a shared CPU, fewer threads than cores avoids oversubscription, which costs far more than it saves.
+        torch.set_num_threads(num_threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def device_name(device) -> str:
+    """A short description of the machine for the results table, e.g. `cpu (2 cores, 1 thread), fp32`."""
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, fp32"
+    threads = torch.get_num_threads()
+    return f"cpu ({os.cpu_count()} cores, {threads} thread{'s' if threads != 1 else ''}), fp32"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table; floats are written as given (format them before)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(histories: dict[str, list[dict]], y_key: str, y_label: str, title: str, path: Path) -> None:
+    """Two panels, `y_key` against `step` and against `train_time_s`, one line per model in `histories`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for name, history in histories.items():
+        points = [point for point in history if point.get(y_key) is not None]
+        for axis, x_key in zip(axes, ("step", "train_time_s")):
+            axis.plot([p[x_key] for p in points], [p[y_key] for p in points], marker=".", label=name)
+    for axis, x_label in zip(axes, ("training step", "training wall-clock (s)")):
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(y_label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(output_dir: Path, table: str, header: str, histories: dict, settings) -> None:
+    """Write `results.md` (header + table + settings), `history.json`, and print the table."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings_lines = "\n".join(f"- `{k}`: {v}" for k, v in dataclasses.asdict(settings).items())
+    (output_dir / "results.md").write_text(f"{header}\n\n{table}\n\nSettings:\n\n{settings_lines}\n")
+    (output_dir / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
+    print(f"\n{header}\n\n{table}\n\nwritten to {output_dir}/")
