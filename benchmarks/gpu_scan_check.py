@@ -291,7 +291,7 @@ def sweep_tiles():
     emit()
     defaults = (scan_triton._MAX_BLOCK_T, scan_triton._MAX_BLOCK_D, scan_triton._NUM_WARPS)
     rows = []
-    configs = [defaults, (16, 64, 4), (64, 64, 4), (32, 32, 4), (32, 128, 4), (32, 64, 8), (64, 128, 8)]
+    configs = [defaults, (32, 64, 4), (16, 32, 4), (32, 32, 4), (32, 64, 8), (16, 128, 8)]
     for (batch, seq, dim), chunked in SWEEP_SHAPES:
         log_a, log_b, _ = make_inputs(batch, seq, dim, torch.bfloat16)
         log_a.requires_grad_()

@@ -64,7 +64,7 @@ def run_both(leaves, seed=1, **kwargs):
 
 
 # (batch, seq, dim, chunk_size, with initial state): channel counts off the 64-wide block and off powers of two, T = 1,
-# T off the 32-step tile, chunks off the tile size, several tiles per chunk, a short last chunk.
+# T off the 16-step tile, chunks off the tile size, one-step chunks, several tiles per chunk, a short last chunk.
 SHAPES = [
     pytest.param(2, 5, 20, None, True, id="fused-small"),
     pytest.param(1, 40, 8, None, False, id="fused-two-tiles"),
@@ -164,14 +164,15 @@ class TestKernels:
 
 def test_default_chunk_size_splits_only_narrow_long_inputs():
     pytest.importorskip("triton")
-    from modeling_minrnn.scan_triton import _default_chunk_size
+    from modeling_minrnn import scan_triton
 
     cpu = torch.device("cpu")
-    assert _default_chunk_size(64, 4096, 1024, cpu) is None  # batch x channel blocks already fill the GPU
-    assert _default_chunk_size(1, 100, 256, cpu) is None  # too short to split
+    assert scan_triton._default_chunk_size(64, 4096, 1024, cpu) is None  # batch x channel blocks fill the GPU
+    assert scan_triton._default_chunk_size(1, 100, 256, cpu) is None  # too short to split
     for batch, seq, dim in [(1, 65536, 256), (8, 4096, 256)]:
-        chunk = _default_chunk_size(batch, seq, dim, cpu)
-        assert chunk % 32 == 0 and 2 <= -(-seq // chunk) <= seq // 256
+        chunk = scan_triton._default_chunk_size(batch, seq, dim, cpu)
+        assert chunk % scan_triton._MAX_BLOCK_T == 0 and chunk >= scan_triton._MIN_CHUNK
+        assert 2 <= -(-seq // chunk) <= seq // scan_triton._MIN_CHUNK
 
 
 @pytest.mark.skipif(RUNS_KERNELS, reason="the kernels can run here")

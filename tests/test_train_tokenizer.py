@@ -1,0 +1,68 @@
+"""scripts/train_tokenizer.py: byte-level BPE and character-level tokenizers that AutoTokenizer loads."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import train_tokenizer  # noqa: E402
+
+SAMPLES = [
+    "def f(x):\n\treturn x ** 2  # squared\n",
+    "Unicode: naïve café, 東京, emoji 🙂, tabs\tand  double  spaces.",
+    "  leading spaces, trailing newline\n\n",
+]
+
+
+def load(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_bpe_round_trip_and_specials(tmp_path):
+    """Byte-level BPE on the embedded corpus: any text, even unseen scripts, decodes to itself."""
+    train_tokenizer.main(["--vocab-size", "600", "--out", str(tmp_path)])
+    tokenizer = load(tmp_path)
+    assert len(tokenizer) == 600
+    assert tokenizer.bos_token == tokenizer.eos_token == train_tokenizer.EOS_TOKEN
+    assert tokenizer.pad_token == train_tokenizer.PAD_TOKEN and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+    for text in SAMPLES:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    # Merges were learned: English compresses well below one token per character.
+    english = "The class statement defines a new class object with the given name."
+    assert len(tokenizer(english)["input_ids"]) < len(english) / 2
+    batch = tokenizer(["a", "a longer line"], padding=True)
+    assert batch["input_ids"][0][0] == tokenizer.pad_token_id and batch["attention_mask"][0][0] == 0
+
+
+def test_char_level_round_trip(tmp_path):
+    """One token per character of the training text (Shakespeare gives the paper's 65 + 3 specials)."""
+    data = tmp_path / "shakespeare.txt"
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    data.write_text(text * 20)
+    train_tokenizer.main(["--dataset", str(data), "--char-level", "--out", str(tmp_path / "tok")])
+    tokenizer = load(tmp_path / "tok")
+    # Only the first 90% of the file is the training split; every character already occurs there.
+    assert len(tokenizer) == len(set(text)) + 3
+    sample = "Speak, Citizen!\nhear me."
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    # "!" never occurs in the training text: it becomes the unknown token, the rest round-trips.
+    assert len(ids) == len(sample) and tokenizer.decode(ids) == sample.replace("!", train_tokenizer.UNK_TOKEN)
+    assert tokenizer.decode(tokenizer("all: hear\n")["input_ids"]) == "all: hear\n"
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
+
+
+def test_vocab_too_small_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"vocab_size=100 is too small for byte-level BPE: it needs at least 258"):
+        train_tokenizer.train_bpe_tokenizer(["text"], 100)
+
+
+def test_streaming_needs_a_character_budget(tmp_path):
+    with pytest.raises(SystemExit, match="--streaming needs --max-chars"):
+        train_tokenizer.main(["--dataset", "x.jsonl", "--streaming", "--out", str(tmp_path)])
