@@ -15,6 +15,7 @@ The kernel module is loaded from its file, not through the package, so that this
 version the GPU machine has. Exits non-zero if a correctness check fails.
 """
 
+import functools
 import importlib.util
 import os
 import statistics
@@ -162,23 +163,32 @@ def check_correctness():
 # ---------------------------------------------------------------- 2. speed
 
 
-def bench_ms(fn, min_reps=10, budget_s=0.25):
-    """Median time of `fn` in ms (CUDA events on the GPU), after a warm-up call."""
-    fn()
+def bench_ms(fn, *args, min_reps=10, budget_s=0.25):
+    """Median time of `fn(*args)` in ms (CUDA events on the GPU), after a warm-up call."""
+    fn(*args)
     times, stop = [], time.perf_counter() + budget_s
     while len(times) < min_reps or (time.perf_counter() < stop and len(times) < 200):
         if DEVICE == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            fn(*args)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
             tic = time.perf_counter()
-            fn()
+            fn(*args)
             times.append(1e3 * (time.perf_counter() - tic))
     return statistics.median(times)
+
+
+def forward_only(scan, inputs):
+    with torch.no_grad():
+        return scan(*inputs)
+
+
+def forward_and_backward(scan, inputs, grad_h):
+    return torch.autograd.grad(scan(*inputs), inputs, grad_h)
 
 
 def peak_bandwidth():
@@ -188,7 +198,7 @@ def peak_bandwidth():
     peak = next((value for key, value in peaks.items() if key in name), None)
     x = torch.empty(2 ** 30 if DEVICE == "cuda" else 2 ** 24, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
-    copy = 2 * x.numel() / bench_ms(lambda: y.copy_(x)) / 1e6
+    copy = 2 * x.numel() / bench_ms(y.copy_, x) / 1e6
     return name, peak, copy
 
 
@@ -215,17 +225,16 @@ def time_scans(peak, copy):
             log_b.requires_grad_()
             grad_h = torch.randn(batch, seq, dim, device=DEVICE)
             scans = {
-                "PyTorch log-space": lambda: log_space_scan(log_a, log_b),
-                "triton fused": lambda: triton_scan(log_a, log_b, chunked=False),
-                "triton chunked": lambda: triton_scan(log_a, log_b, chunked=True),
+                "PyTorch log-space": log_space_scan,
+                "triton fused": functools.partial(triton_scan, chunked=False),
+                "triton chunked": functools.partial(triton_scan, chunked=True),
             }
             forward_bytes = scan_bytes(log_a.numel(), dtype, backward=False)
             both_bytes = scan_bytes(log_a.numel(), dtype, backward=True)
             baseline = None
             for name, scan in scans.items():
-                with torch.no_grad():
-                    forward = bench_ms(scan)
-                both = bench_ms(lambda: torch.autograd.grad(scan(), (log_a, log_b), grad_h))
+                forward = bench_ms(forward_only, scan, (log_a, log_b))
+                both = bench_ms(forward_and_backward, scan, (log_a, log_b), grad_h)
                 baseline = baseline or (forward, both)
                 achieved = both_bytes / both / 1e6
                 rows.append([
@@ -234,7 +243,6 @@ def time_scans(peak, copy):
                     f"{forward:.3f}", f"{forward_bytes / forward / 1e6:.0f}", f"{both:.3f}", f"{achieved:.0f}",
                     f"{achieved / peak:.0%}" if peak else "-", f"{baseline[0] / forward:.1f}x / {baseline[1] / both:.1f}x",
                 ])
-            del log_a, log_b, grad_h
     table(["shape", "inputs", "scan", "fwd ms", "fwd GB/s", "fwd+bwd ms", "fwd+bwd GB/s", "fwd+bwd of peak",
            "speed-up vs log-space (fwd / fwd+bwd)"], rows)
 
@@ -254,6 +262,10 @@ class MinGRU(torch.nn.Module):
         k, hidden = self.to_gates(x).chunk(2, dim=-1)
         log_tilde_h = torch.where(hidden >= 0, (F.relu(hidden) + 0.5).log(), -F.softplus(-hidden))  # log g(h~)
         return self.scan(-F.softplus(k), -F.softplus(-k) + log_tilde_h)  # log(1 - z), log z + log h~
+
+
+def training_step(forward, x, weight, params):
+    return torch.autograd.grad((forward(x) * weight).sum(), params)
 
 
 def time_gru():
@@ -276,8 +288,7 @@ def time_gru():
         weight = torch.randn(GRU_BATCH, seq, GRU_SIZE, device=DEVICE)
         times = {}
         for name, (module, forward) in layers.items():
-            params = list(module.parameters())
-            times[name] = bench_ms(lambda: torch.autograd.grad((forward(x) * weight).sum(), params), min_reps=5)
+            times[name] = bench_ms(training_step, forward, x, weight, list(module.parameters()), min_reps=5)
         for name, ms in times.items():
             rows.append([seq, name, f"{ms:.2f}", f"{times['nn.GRU (cuDNN)'] / ms:.1f}x"])
     table(["T", "layer", "ms / step", "speed-up vs nn.GRU"], rows)
@@ -303,8 +314,8 @@ def sweep_tiles():
                 table(["shape", "variant", "BLOCK_T", "BLOCK_D", "warps", "fwd+bwd ms", "GB/s"], rows)
                 return
             scan_triton._MAX_BLOCK_T, scan_triton._MAX_BLOCK_D, scan_triton._NUM_WARPS = config
-            ms = bench_ms(lambda: torch.autograd.grad(triton_scan(log_a, log_b, chunked=chunked), (log_a, log_b),
-                                                      grad_h), min_reps=5, budget_s=0.1)
+            scan = functools.partial(triton_scan, chunked=chunked)
+            ms = bench_ms(forward_and_backward, scan, (log_a, log_b), grad_h, min_reps=5, budget_s=0.1)
             rows.append([f"({batch}, {seq}, {dim})", "chunked" if chunked else "fused", *config, f"{ms:.3f}",
                          f"{scan_bytes(log_a.numel(), torch.bfloat16, True) / ms / 1e6:.0f}"])
         scan_triton._MAX_BLOCK_T, scan_triton._MAX_BLOCK_D, scan_triton._NUM_WARPS = defaults

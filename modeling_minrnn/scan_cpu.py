@@ -15,9 +15,12 @@ Public surface: :func:`cpu_scan_available` and :func:`cpu_scan`. Set
 """
 
 import hashlib
+import logging as pylogging
 import os
+import re
 import sys
 import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -259,32 +262,48 @@ _ops = None
 _load_failed = False
 
 
+def _failure_reason(error: Exception) -> str:
+    """The informative line of a build error (torch's message starts with the whole command)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines[1:]:
+        if re.search(r"error|not found|no such file", line, re.IGNORECASE):
+            return line[:200]
+    return lines[0][:200] if lines else type(error).__name__
+
+
 def _load_ops():
-    """Builds (first time on this machine, ~30-90 s) or loads the extension; None on failure."""
+    """Builds (first time on this machine, ~10-60 s) or loads the extension; None on failure."""
     global _ops, _load_failed
     with _lock:
         if _ops is None and not _load_failed:
             key = "\n".join([_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__])
             namespace = "minrnn_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+            # torch logs its own multi-line compiler warnings; the one line below replaces them.
+            torch_logger = pylogging.getLogger("torch.utils.cpp_extension")
+            level = torch_logger.level
+            torch_logger.setLevel(pylogging.ERROR)
             try:
                 from torch.utils.cpp_extension import load_inline
 
-                load_inline(
-                    name=namespace,
-                    cpp_sources=[_CPP_SOURCE.replace("{namespace}", namespace)],
-                    extra_cflags=_CFLAGS,
-                    extra_ldflags=_LDFLAGS,
-                    is_python_module=False,
-                    no_implicit_headers=True,
-                )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    load_inline(
+                        name=namespace,
+                        cpp_sources=[_CPP_SOURCE.replace("{namespace}", namespace)],
+                        extra_cflags=_CFLAGS,
+                        extra_ldflags=_LDFLAGS,
+                        is_python_module=False,
+                        no_implicit_headers=True,
+                    )
                 _ops = getattr(torch.ops, namespace)
             except Exception as error:  # no compiler, headers, ninja, setuptools, ...
                 _load_failed = True
-                reason = (str(error).strip().splitlines() or [""])[0][:200]
                 logger.warning(
-                    f"minrnn: native CPU scan unavailable ({type(error).__name__}: {reason}); "
+                    f"minrnn: native CPU scan unavailable ({type(error).__name__}: {_failure_reason(error)}); "
                     "using the PyTorch scan."
                 )
+            finally:
+                torch_logger.setLevel(level)
         return _ops
 
 

@@ -40,8 +40,8 @@ except ImportError:
 
 
 # Largest tile: 16 time steps x 64 channels. A 64-channel row of bf16/fp32 is one or two full 128-byte
-# transactions. Built for sm_90 (Triton 3.9, 4 warps) the kernels then take 72 (forward) and 140 (backward)
-# registers per thread with no spills; 32-step tiles took 156 and 216, fitting fewer programs on a multiprocessor.
+# transactions. Built for sm_90 (Triton 3.9, 4 warps) the kernels then take 72 (forward) and 138 (backward)
+# registers per thread with no spills; 32-step tiles took 156 and 213, fitting fewer programs on a multiprocessor.
 # Short chunks and few channels get smaller tiles (powers of two), so a decoding step (seq = 1) scans no padding.
 # `benchmarks/gpu_scan_check.py` times the alternatives.
 _MAX_BLOCK_T = 16
@@ -164,6 +164,8 @@ if _HAS_TRITON:
 
         carry = _entering_state(h0_ptr, chunk_state_ptr, batch, chunk, num_chunks, channels, dim, channel_mask,
                                 False, HAS_CHUNK_STATE, True)
+        if HAS_H0:
+            h0 = tl.load(h0_ptr + batch * dim + channels, mask=channel_mask, other=0.0).to(tl.float32)
         total_decay = tl.full(channels.shape, 1.0, tl.float32)
         num_tiles = tl.cdiv(chunk_end - chunk_start, BLOCK_T)
         for i in range(num_tiles):
@@ -183,16 +185,16 @@ if _HAS_TRITON:
                 b = tl.exp(tl.load(log_b_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32))
                 h_prev = tl.load(h_ptr + offsets - dim, mask=mask & (times >= 1)[:, None], other=0.0)
                 if HAS_H0:
-                    h0 = tl.load(h0_ptr + batch * dim + channels, mask=channel_mask, other=0.0).to(tl.float32)
                     h_prev = tl.where((times == 0)[:, None], h0[None, :], h_prev)
                 tl.store(d_log_a_ptr + offsets, dh * a * h_prev, mask=mask)
                 tl.store(d_log_b_ptr + offsets, dh * b, mask=mask)
-        if STORE_GRADS:
-            if HAS_H0:
-                if chunk == 0:
-                    a_first = tl.exp(tl.load(log_a_ptr + batch * seq * dim + channels, mask=channel_mask,
-                                             other=0.0).to(tl.float32))
-                    tl.store(d_h0_ptr + batch * dim + channels, a_first * carry, mask=channel_mask)
+        # d h0 = a_1 dh_1, from the chunk that starts the sequence. A runtime `if` of its own: compile-time flags
+        # and runtime values do not mix in one condition, and the interpreter rejects a scalar in a load mask.
+        if STORE_GRADS and HAS_H0:  # noqa: SIM102
+            if chunk == 0:
+                a_first = tl.exp(tl.load(log_a_ptr + batch * seq * dim + channels, mask=channel_mask,
+                                         other=0.0).to(tl.float32))
+                tl.store(d_h0_ptr + batch * dim + channels, a_first * carry, mask=channel_mask)
         if STORE_SUMMARY:
             summary = (batch * num_chunks + chunk) * dim + channels
             tl.store(decay_ptr + summary, total_decay, mask=channel_mask)

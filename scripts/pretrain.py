@@ -401,7 +401,7 @@ def evaluate(accelerator, model, val_blocks, config: TrainConfig) -> float:
 
 
 def sample(accelerator, model, tokenizer, config: TrainConfig, step: int) -> str:
-    """A sampled continuation of `sample_prompt` (after EOS, where every training document starts)."""
+    """`sample_prompt` and a sampled continuation (the prompt follows EOS, where every training document starts)."""
     import torch
 
     unwrapped = accelerator.unwrap_model(model)
@@ -521,7 +521,7 @@ def train(config: TrainConfig, resume: bool) -> dict:
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         do_sample=True, temperature=config.sample_temperature, top_k=config.sample_top_k or None,
-        max_new_tokens=config.sample_tokens,
+        max_new_tokens=config.sample_tokens or None,  # sample_tokens=0 turns eval samples off, not generation
     )
     num_params = model.num_parameters()
 
@@ -576,7 +576,7 @@ def train(config: TrainConfig, resume: bool) -> dict:
         if main:
             tqdm.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}")
             if text:
-                tqdm.write(f"--- sample ---\n{config.sample_prompt}{text}\n--------------")
+                tqdm.write(f"--- sample ---\n{text}\n--------------")
             write_loss_curve(log_path, output_dir / "loss_curve.png")
         return eval_loss
 

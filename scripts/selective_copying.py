@@ -62,6 +62,7 @@ class Settings:
     hidden_size: int = 64
     expansion_factor: float = 6.0
     dropout: float = 0.1
+    initializer_range: float = 0.02
     scan_backend: str = "auto"
     # Optimisation: AdamW, constant learning rate, gradient clipping.
     batch_size: int = 64
@@ -110,6 +111,7 @@ def build_model(cell: str, depth: int, settings: Settings):
         conv_kernel=0,
         intermediate_size=0,
         dropout=settings.dropout,
+        initializer_range=settings.initializer_range,
         scan_backend=settings.scan_backend,
         tie_word_embeddings=False,
         use_cache=False,

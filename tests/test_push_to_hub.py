@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT / "tests"), str(REPO_ROOT)]
-from hub_server import LoopbackHub
+from hub_server import LoopbackHub  # tests/ is on sys.path (pytest), the repo root too (conftest.py)
 
 from hub_upload.model_card import check_training_summary, render_model_card
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PUSH_SCRIPT = REPO_ROOT / "hub_upload" / "push_to_hub.py"
 TOKEN = "hf_loopbackSecretToken1234567890"
@@ -279,6 +278,7 @@ def test_checkpoint_whose_tokenizer_disagrees_is_refused(checkpoint, hub, tmp_pa
     assert not any(method in ("PUT", "POST") and "commit" in path for method, path in hub.requests[seen:])
 
 
+@pytest.mark.slow  # one more full verification run; the error path is the same as for other Hub refusals
 def test_card_metadata_rejected_by_the_hub_is_reported(checkpoint, hub, tmp_path):
     folder, _ = checkpoint
     before = folder_digest(folder)
