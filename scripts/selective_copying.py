@@ -18,7 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiment_common import REPO_ROOT, device_name, markdown_table, parse_settings, plot_curves, setup_torch, write_results
+from experiment_common import (
+    REPO_ROOT,
+    device_name,
+    markdown_table,
+    parse_settings,
+    plot_curves,
+    setup_torch,
+    write_results,
+)
 
 VOCAB_SIZE = 16
 EMPTY = VOCAB_SIZE - 1  # fills the sequence around the data tokens
@@ -71,9 +79,10 @@ class Settings:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 42
-    # Evaluation: fixed held-out sets drawn from their own seeds.
+    # Evaluation: fixed held-out sets drawn from their own seeds; validation for the curves, test for the table.
     eval_every: int = 1000
-    eval_samples: int = 12_800
+    val_samples: int = 12_800
+    test_samples: int = 12_800
     val_seed: int = 0
     test_seed: int = 1
     # Machine and output.
@@ -82,7 +91,8 @@ class Settings:
     output_dir: str = "results/selective_copying"
 
     def validate(self):
-        for name in ("seq_len", "num_memorize", "hidden_size", "batch_size", "max_steps", "eval_every", "eval_samples"):
+        for name in ("seq_len", "num_memorize", "hidden_size", "batch_size", "max_steps", "eval_every", "val_samples",
+                     "test_samples"):
             if getattr(self, name) <= 0:
                 raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(self, name)}.")
         if self.num_memorize > self.seq_len:
@@ -140,12 +150,12 @@ def loss_and_accuracy(model, inputs, targets):
     return loss, accuracy
 
 
-def held_out_set(settings: Settings, seed: int, device):
-    """A fixed list of `(inputs, targets)` batches, `eval_samples` samples in all, drawn from `seed`."""
+def held_out_set(settings: Settings, samples: int, seed: int, device):
+    """A fixed list of `(inputs, targets)` batches, `samples` samples in all, drawn from `seed`."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    batches, remaining = [], settings.eval_samples
+    batches, remaining = [], samples
     while remaining > 0:
         size = min(settings.batch_size, remaining)
         inputs, targets = sample_selective_copying(size, settings.seq_len, settings.num_memorize, generator)
@@ -211,8 +221,8 @@ def train_one(name: str, settings: Settings, device, val_set, test_set) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     settings = parse_settings(Settings, argv, __doc__)
     device = setup_torch(settings.num_threads, settings.device)
-    val_set = held_out_set(settings, settings.val_seed, device)
-    test_set = held_out_set(settings, settings.test_seed, device)
+    val_set = held_out_set(settings, settings.val_samples, settings.val_seed, device)
+    test_set = held_out_set(settings, settings.test_samples, settings.test_seed, device)
 
     runs = [train_one(name, settings, device, val_set, test_set) for name in settings.models]
 
@@ -225,7 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     header = (
         f"Selective Copying: L={settings.seq_len} (+{settings.num_memorize} markers), batch {settings.batch_size}, "
-        f"lr {settings.lr:g} constant, {settings.max_steps} steps; test accuracy on {settings.eval_samples} held-out "
+        f"lr {settings.lr:g} constant, {settings.max_steps} steps; test accuracy on {settings.test_samples} held-out "
         f"samples; {device_name(device)}."
     )
     output_dir = Path(settings.output_dir)

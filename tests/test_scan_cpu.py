@@ -10,7 +10,6 @@ import torch
 
 from modeling_minrnn.scan_cpu import cpu_scan, cpu_scan_available
 
-
 pytestmark = pytest.mark.skipif(
     not cpu_scan_available(), reason="the native CPU scan extension cannot be built here (no compiler?)"
 )
@@ -28,11 +27,12 @@ def reference_scan(log_a, log_b, initial_state=None):
 
 
 def make_inputs(batch, seq, dim, with_initial, dtype=torch.float32, seed=0):
+    """(log_a, log_b, initial_state or None) as leaves; a = sigmoid(x + 2) keeps a long memory."""
     generator = torch.Generator().manual_seed(seed)
     log_a = torch.nn.functional.logsigmoid(torch.randn(batch, seq, dim, generator=generator) + 2)
     log_b = torch.randn(batch, seq, dim, generator=generator) - 1
     initial = torch.randn(batch, dim, generator=generator) if with_initial else None
-    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()  # noqa: E731
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()
     return cast(log_a), cast(log_b), cast(initial)
 
 
@@ -125,13 +125,13 @@ def test_backward_matches_finite_differences():
     """The backward is the derivative of this forward (not only of the reference): central differences."""
     log_a, log_b, initial = make_inputs(1, 12, 16, with_initial=True)
     weights = torch.randn(1, 12, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    loss = lambda *args: (cpu_scan(*args).double() * weights).sum().item()  # noqa: E731
+    loss = lambda *args: (cpu_scan(*args).double() * weights).sum().item()
     h = cpu_scan(log_a, log_b, initial)
     got = torch.autograd.grad(h, (log_a, log_b, initial), weights.float())
     eps = 1e-2
     with torch.no_grad():
         for position, (tensor, grad) in enumerate(zip((log_a, log_b, initial), got)):
-            for index in ([(0, 3)] if tensor.dim() == 2 else [(0, 0, 0), (0, 5, 7), (0, 11, 15)]):
+            for index in [(0, 3)] if tensor.dim() == 2 else [(0, 0, 0), (0, 5, 7), (0, 11, 15)]:
                 shifted = [t.clone() for t in (log_a, log_b, initial)]
                 shifted[position][index] += eps
                 up = loss(*shifted)
@@ -169,6 +169,27 @@ def test_long_sequence_stays_accurate():
         assert_close_to_reference(actual[0], torch.from_numpy(expected))
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 5), (2, 3, 0), (0, 3, 4)], ids=["no_steps", "no_channels", "no_rows"])
+def test_empty_inputs(shape):
+    log_a, log_b, initial = make_inputs(*shape, with_initial=True)
+    h = cpu_scan(log_a, log_b, initial)
+    assert h.shape == shape
+    g_a, g_b, g_init = torch.autograd.grad(h.sum(), (log_a, log_b, initial), allow_unused=True)
+    assert g_a.shape == shape and g_b.shape == shape
+    assert torch.equal(g_init, torch.zeros_like(initial))
+
+
+def test_torch_compile_traces_through():
+    """Meta kernels and a lock-free availability check let torch.compile keep one graph."""
+    log_a, log_b, initial = make_inputs(2, 9, 5, with_initial=True)
+    loss = lambda *args: (cpu_scan(*args) ** 2).sum()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(log_a, log_b, initial), (log_a, log_b, initial))
+    expected = torch.autograd.grad(loss(log_a, log_b, initial), (log_a, log_b, initial))
+    for g, g_ref in zip(got, expected):
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_rejects_bad_arguments():
     log_a = torch.zeros(2, 5, 3)
     with pytest.raises(ValueError, match="log_a.*shape"):
@@ -188,21 +209,25 @@ def test_env_var_disables_extension(monkeypatch):
         cpu_scan(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
 
 
-def _run_python(code, **env):
+def _python(code, **env):
+    """A fresh interpreter running `code` with the package importable and `env` set."""
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))), **env}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_failed_build_reports_unavailable_without_raising(tmp_path):
-    result = _run_python(
+    process = _python(
         "from modeling_minrnn.scan_cpu import cpu_scan_available\n"
         "print('available', cpu_scan_available(), cpu_scan_available())",
         CXX=str(tmp_path / "no-such-compiler"),
         TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"),
     )
-    assert result.returncode == 0, result.stderr
-    assert "available False False" in result.stdout
-    assert result.stderr.count("native CPU scan unavailable") == 1, result.stderr
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert "available False False" in out
+    assert err.count("native CPU scan unavailable") == 1, err
 
 
 @pytest.mark.slow
@@ -212,10 +237,7 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
         "import torch\nfrom modeling_minrnn.scan_cpu import cpu_scan\n"
         "x = torch.linspace(-3, 0, 24).view(1, 8, 3)\nprint(cpu_scan(x, x).sum().item())"
     )
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-           "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [_python(code, TORCH_EXTENSIONS_DIR=str(tmp_path)) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0, err
