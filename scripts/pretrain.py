@@ -174,8 +174,10 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, bool]:
         key = key.replace("-", "_")
         if key in ("help", "h"):
             print(__doc__)
+            print("Settings (defaults before the recipe; configs/tiny.yaml is the default recipe):")
             for name, default in dataclasses.asdict(TrainConfig()).items():
-                print(f"  --{name.replace('_', '-'):<28} {FIELD_TYPES[name]}  (default {default!r})")
+                kind = getattr(FIELD_TYPES[name], "__name__", str(FIELD_TYPES[name]))
+                print(f"  --{name.replace('_', '-'):<28} {kind:<12} default {default!r}")
             raise SystemExit(0)
         if key == "resume":
             resume = True
@@ -308,8 +310,9 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return max(done, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+def _fsync(*paths: Path) -> None:
+    """Flush files (or folders: their entries) to disk, so a rename after it never publishes lost data."""
+    for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -335,13 +338,13 @@ def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: d
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": dataclasses.asdict(config)}, indent=2))
-        _fsync_tree(tmp)
+        _fsync(*sorted(tmp.rglob("*"), reverse=True), tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": state["step"]}))
-        _fsync_tree(tmp)
+        _fsync(tmp / COMPLETE_MARKER, tmp)
         if final.exists():  # only after a resume from an older step re-reaches this one; the new copy is complete
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_tree(root)
+        _fsync(root)
         complete = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_MARKER).is_file())
         for old in complete[: -config.keep_last]:
             shutil.rmtree(old)
@@ -458,6 +461,7 @@ def train(config: TrainConfig, resume: bool) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from huggingface_hub.errors import StrictDataclassError  # what MinRNNConfig's validators raise
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
     from transformers.utils.logging import disable_progress_bar
@@ -497,7 +501,7 @@ def train(config: TrainConfig, resume: bool) -> dict:
         for stale in checkpoint_dir(config.output_dir).glob(".tmp-*"):
             shutil.rmtree(stale)  # left by a crash mid-save
 
-    # Data and tokenizer: every check that can fail runs here, before the first step.
+    # Data, tokenizer, model settings: every check that can fail runs here, before the first step.
     try:
         with accelerator.main_process_first():
             splits = load_text_splits(
@@ -507,16 +511,16 @@ def train(config: TrainConfig, resume: bool) -> dict:
         tokenizer = prepare_tokenizer(config, splits, accelerator, checkpoint)
         vocab_size = config.vocab_size or len(tokenizer)
         train_data, val_blocks, train_tokens = prepare_data(config, splits, tokenizer, accelerator, vocab_size)
-    except (ValueError, FileNotFoundError) as error:
+        model_config = MinRNNConfig(
+            vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+            cell_type=config.cell_type, expansion_factor=config.expansion_factor, conv_kernel=config.conv_kernel,
+            intermediate_size=config.intermediate_size, dropout=config.dropout, scan_backend=config.scan_backend,
+            tie_word_embeddings=config.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        )
+    except (ValueError, FileNotFoundError, StrictDataclassError) as error:
         raise ConfigError(str(error)) from error
 
-    model_config = MinRNNConfig(
-        vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-        cell_type=config.cell_type, expansion_factor=config.expansion_factor, conv_kernel=config.conv_kernel,
-        intermediate_size=config.intermediate_size, dropout=config.dropout, scan_backend=config.scan_backend,
-        tie_word_embeddings=config.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-    )
     model = MinRNNForCausalLM(model_config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

@@ -140,7 +140,13 @@ def load_text_splits(
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         loaded = datasets.load_dataset(builder, data_files=files, streaming=streaming, **kwargs)
     else:
-        loaded = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
+        try:
+            loaded = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
+        except (ConnectionError, FileNotFoundError) as error:
+            raise FileNotFoundError(
+                f"dataset {dataset!r} is not a local file and could not be loaded from the Hub ({error}); "
+                "check the id, --dataset-config and the network (or HF_HUB_OFFLINE with a cached copy)"
+            ) from error
     if "train" not in loaded:
         raise ValueError(f"dataset {dataset!r} has no 'train' split; its splits are {list(loaded)}")
     train = _column(loaded["train"], text_column, dataset)

@@ -13,6 +13,20 @@ if ROOT not in sys.path:
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def reference_scan(log_a, log_b, initial_state=None):
+    """`h_t = exp(log_a_t) h_{t-1} + exp(log_b_t)` one step at a time in float64; autograd gives the gradients.
+
+    The independent definition every scan backend is tested against.
+    """
+    a, b = log_a.double().exp(), log_b.double().exp()
+    h = a.new_zeros(a.shape[0], a.shape[2]) if initial_state is None else initial_state.double()
+    states = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
 def tiny_config(**overrides):
     """A model small enough for exhaustive checks; a wide init so that greedy outputs vary from token to token."""
     from modeling_minrnn import MinRNNConfig

@@ -74,11 +74,16 @@ def test_shakespeare_split_is_nanogpt(tmp_path):
 def test_selective_copying_smoke(tmp_path):
     runs = sc.main([
         "--models", "mingru-1,minlstm-2", "--seq-len", "24", "--num-memorize", "4", "--batch-size", "8",
-        "--max-steps", "4", "--eval-every", "2", "--val-samples", "16", "--test-samples", "16", "--num-threads", "0",
+        "--max-steps", "4", "--eval-every", "2", "--val-samples", "16", "--test-samples", "16", "--min-lr", "1e-4",
+        "--warmup-steps", "1", "--num-threads", "0",
         "--output-dir", str(tmp_path),
     ])
     assert [run["name"] for run in runs] == ["mingru-1", "minlstm-2"]
     assert all(0.0 <= run["test_accuracy"] <= 1.0 and len(run["history"]) == 2 for run in runs)
+    # The reported accuracy is that of the best validation checkpoint.
+    for run in runs:
+        best = max(run["history"], key=lambda point: (point["val_accuracy"], point["step"]))
+        assert run["best_step"] == best["step"]
     assert "| minlstm | 2 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert set(json.loads((tmp_path / "history.json").read_text())) == {"mingru-1", "minlstm-2"}

@@ -148,6 +148,20 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     assert final[0] == final[1]
 
 
+def test_accelerate_configs_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}
+    for name, kind in kinds.items():
+        config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+        assert config.distributed_type.name == kind and config.num_processes == 8
+    fsdp = load_config_from_file(str(REPO / "configs" / "accelerate" / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "MinRNNBlock"
+    import modeling_minrnn.modeling_minrnn as modeling
+
+    assert hasattr(modeling, fsdp["fsdp_transformer_layer_cls_to_wrap"])
+
+
 def test_incomplete_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     for name, complete in (("step-0000004", True), ("step-0000008", False), (".tmp-step-0000012", True)):
@@ -203,16 +217,24 @@ def test_unknown_key_in_recipe_file(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--dataset", "missing/file.txt"], r"matches no readable file"),
+    (["--dataset", "nobody-h4/no-such-dataset"], r"could not be loaded from the Hub"),
     (["--dataset", "EMPTY"], r"has no text"),
     (["--block-size", "200000"], r"block_size=200000 is larger than the validation data"),
     (["--vocab-size", "100"], r"vocab_size=100 is smaller than the tokenizer's 300 tokens"),
     (["--resume"], r"--resume: no complete checkpoint in"),
+    (["--cell-type", "gru"], r"`cell_type` must be one of \('mingru', 'minlstm'\); got 'gru'"),
 ])
-def test_bad_input_fails_before_training(tmp_path, extra, message):
+def test_bad_input_fails_before_training(tmp_path, monkeypatch, extra, message):
+    import datasets
+    import huggingface_hub
+
+    # A Hub id that cannot load must fail the same way offline; offline it fails at once (no retries).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     extra = [str(empty) if arg == "EMPTY" else arg for arg in extra]
-    with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+    with pytest.raises(SystemExit, match=f"(?s)^error: .*{message}"):
         pretrain.main([*TINY, "--output-dir", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out" / "train_log.jsonl").exists()
 
@@ -274,3 +296,24 @@ def test_learning_rate_schedule():
     assert pretrain.lr_at(9, config) == pytest.approx(1.0)
     assert pretrain.lr_at(60, config) == pytest.approx(0.55)
     assert pretrain.lr_at(110, config) == pytest.approx(0.1)
+
+
+def test_push_to_hub_publishes_checkpoints_and_final_folder(tmp_path, monkeypatch):
+    """`--push-to-hub` hands each checkpoint's model folder (branch step-N) and the final folder (main) to hub_upload."""
+    sys.path.insert(0, str(REPO))
+    import hub_upload.push_to_hub as hub
+
+    pushed = []
+
+    def fake_push(folder, repo_id, **kwargs):
+        hub.collect_checkpoint(folder)  # the uploader's own checks: a complete save_pretrained folder
+        pushed.append((Path(folder), repo_id, kwargs["revision"]))
+
+    monkeypatch.setattr(hub, "push_checkpoint", fake_push)
+    out = tmp_path / "out"
+    pretrain.main([*TINY, "--batch-size", "2", "--max-steps", "2", "--save-every", "1", "--output-dir", str(out),
+                   "--push-to-hub", "me/tiny"])
+    checkpoints = out / "checkpoints"
+    assert pushed == [(checkpoints / "step-0000001" / "pretrained", "me/tiny", "step-1"),
+                      (checkpoints / "step-0000002" / "pretrained", "me/tiny", "step-2"),
+                      (out, "me/tiny", None)]

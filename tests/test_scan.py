@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import reference_scan
 from modeling_minrnn.scan import (
     chunked_scan,
     linear_recurrence,
@@ -10,17 +11,6 @@ from modeling_minrnn.scan import (
     resolve_backend,
     sequential_scan,
 )
-
-
-def reference_float64(log_a, log_b, initial_state=None):
-    """The recurrence in float64, independent of the module under test."""
-    a, b = log_a.double().exp(), log_b.double().exp()
-    h = torch.zeros(a.shape[0], a.shape[2], dtype=torch.float64) if initial_state is None else initial_state.double()
-    out = torch.empty_like(a)
-    for t in range(a.shape[1]):
-        h = a[:, t] * h + b[:, t]
-        out[:, t] = h
-    return out
 
 
 def random_gates(batch, seq, dim, seed=0, dtype=torch.float32):
@@ -95,7 +85,7 @@ def test_bf16_inputs_compute_in_fp32():
     log_a, log_b = random_gates(2, 50, 8, seed=4, dtype=torch.bfloat16)
     h = linear_recurrence(log_a, log_b)
     assert h.dtype == torch.float32
-    torch.testing.assert_close(h, reference_float64(log_a, log_b).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, reference_scan(log_a, log_b).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_single_step_decoding_matches_scan():
@@ -109,7 +99,7 @@ def test_default_backend_is_exact_at_65536_steps():
     log_a, log_b = random_gates(1, 65536, 4, seed=6)
     # Slow decays (a close to 1) make the cumulative sums large, as in long-memory channels.
     log_a = log_a * 0.01
-    expected = reference_float64(log_a, log_b)
+    expected = reference_scan(log_a, log_b)
     default = linear_recurrence(log_a, log_b).double()
     rel_default = ((default - expected).abs() / expected.abs().clamp_min(1.0)).max().item()
     assert rel_default < 1e-5, rel_default

@@ -8,22 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reference_scan
+
 from modeling_minrnn.scan_cpu import cpu_scan, cpu_scan_available
 
 pytestmark = pytest.mark.skipif(
     not cpu_scan_available(), reason="the native CPU scan extension cannot be built here (no compiler?)"
 )
-
-
-def reference_scan(log_a, log_b, initial_state=None):
-    """h_t = exp(log_a_t) h_{t-1} + exp(log_b_t), one step at a time, in float64 with autograd."""
-    a, b = log_a.double().exp(), log_b.double().exp()
-    h = a.new_zeros(a.shape[0], a.shape[2]) if initial_state is None else initial_state.double()
-    states = []
-    for t in range(a.shape[1]):
-        h = a[:, t] * h + b[:, t]
-        states.append(h)
-    return torch.stack(states, dim=1)
 
 
 def make_inputs(batch, seq, dim, with_initial, dtype=torch.float32, seed=0):

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import reference_scan
+
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,17 +28,6 @@ kernels = pytest.mark.skipif(
     not RUNS_KERNELS,
     reason="needs Triton and CUDA; without a GPU these run in test_kernels_in_interpreter's subprocess",
 )
-
-
-def reference_scan(log_a, log_b, initial_state=None):
-    """`h_t = exp(log_a_t) h_{t-1} + exp(log_b_t)` one step at a time in float64; autograd gives the gradients."""
-    a, b = log_a.double().exp(), log_b.double().exp()
-    h = a.new_zeros(a.shape[0], a.shape[2]) if initial_state is None else initial_state.double()
-    states = []
-    for t in range(a.shape[1]):
-        h = a[:, t] * h + b[:, t]
-        states.append(h)
-    return torch.stack(states, dim=1)
 
 
 def make_inputs(batch, seq, dim, with_h0, dtype=torch.float32, seed=0):
