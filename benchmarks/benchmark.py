@@ -26,6 +26,7 @@ are skipped with a note.
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -41,14 +42,12 @@ from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel, LogitsProce
 from transformers import __version__ as transformers_version
 from transformers.utils import logging as hf_logging
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM  # noqa: E402
-from modeling_minrnn.modeling_minrnn import MinRNNMixer  # noqa: E402
-from modeling_minrnn.scan import linear_recurrence, resolve_backend  # noqa: E402
-from modeling_minrnn.scan_cpu import cpu_scan_available  # noqa: E402
-from modeling_minrnn.scan_triton import triton_scan_available  # noqa: E402
-
+from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
+from modeling_minrnn.modeling_minrnn import MinRNNMixer
+from modeling_minrnn.scan import linear_recurrence, resolve_backend
+from modeling_minrnn.scan_cpu import cpu_scan_available
+from modeling_minrnn.scan_triton import triton_scan_available
 
 try:  # lucidrains' minGRU-pytorch: an optional baseline, installed only for the benchmark
     from minGRU_pytorch import minGRU as LucidrainsMinGRU
@@ -175,6 +174,16 @@ def scan_backends(device: str, seq: int, sizes: Sizes) -> list:
     return names
 
 
+@torch.no_grad()
+def _scan_forward(log_a, log_b, backend):
+    linear_recurrence(log_a, log_b, backend=backend)
+
+
+def _scan_forward_backward(log_a, log_b, grad_h, backend):
+    # autograd.grad, not backward(): nothing accumulates into .grad between repeats
+    torch.autograd.grad(linear_recurrence(log_a, log_b, backend=backend), (log_a, log_b), grad_h)
+
+
 def bench_scan(device: str, sizes: Sizes) -> list:
     rows = []
     for shape in sizes.scan_shapes:
@@ -182,16 +191,11 @@ def bench_scan(device: str, sizes: Sizes) -> list:
         log_b = (torch.randn(shape, device=device) - 1.0).requires_grad_()
         grad_h = torch.randn(shape, device=device)
         a, b, h_prev, h = (torch.rand(shape, device=device) for _ in range(4))
-        floor = median_seconds(lambda: torch.addcmul(b, a, h_prev, out=h), device, sizes.repeats * 3)
+        floor = median_seconds(functools.partial(torch.addcmul, b, a, h_prev, out=h), device, sizes.repeats * 3)
         rows.append({"shape": shape, "backend": "elementwise floor", "forward_s": floor, "forward_backward_s": None})
         for name in scan_backends(device, shape[1], sizes):
-            def forward(name=name):
-                with torch.no_grad():
-                    linear_recurrence(log_a, log_b, backend=name)
-
-            def forward_backward(name=name):
-                torch.autograd.grad(linear_recurrence(log_a, log_b, backend=name), (log_a, log_b), grad_h)
-
+            forward = functools.partial(_scan_forward, log_a, log_b, name)
+            forward_backward = functools.partial(_scan_forward_backward, log_a, log_b, grad_h, name)
             rows.append({
                 "shape": shape, "backend": name,
                 "forward_s": median_seconds(forward, device, sizes.repeats),
@@ -247,6 +251,12 @@ def layer_candidates(hidden: int, device: str) -> dict:
     return {name: layer.to(device) for name, layer in layers.items()}
 
 
+def _layer_step(layer, x, grad_y):
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    layer(x).backward(grad_y)
+
+
 def bench_layer(device: str, sizes: Sizes) -> list:
     rows = []
     layers = layer_candidates(sizes.layer_hidden, device)
@@ -254,11 +264,7 @@ def bench_layer(device: str, sizes: Sizes) -> list:
         x = torch.randn(sizes.layer_batch, seq, sizes.layer_hidden, device=device, requires_grad=True)
         grad_y = torch.randn_like(x)
         for name, layer in layers.items():
-            def step(layer=layer):
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
-                layer(x).backward(grad_y)
-
+            step = functools.partial(_layer_step, layer, x, grad_y)
             rows.append({"layer": name, "seq": seq, "params": count_params(layer),
                          "forward_backward_s": median_seconds(step, device, sizes.repeats)})
             print_progress("layer", rows[-1])
@@ -347,7 +353,7 @@ def bench_train(device: str, sizes: Sizes, models: dict) -> list:
             # lucidrains' minLM predicts ids[1:] from ids[:-1]: one extra token so every model sees `seq` inputs.
             extra = 1 if name == "minGRU-pytorch LM" else 0
             ids = torch.randint(0, sizes.vocab_size, (batch, seq + extra), device=device)
-            seconds = median_seconds(lambda: step(ids), device, repeats)
+            seconds = median_seconds(functools.partial(step, ids), device, repeats)
             rows.append({"model": name, "seq": seq, "batch": batch, "tokens_per_s": batch * seq / seconds,
                          "params": count_params(model, exclude=("wpe",)), "params_total": count_params(model),
                          "note": note})
@@ -355,6 +361,10 @@ def bench_train(device: str, sizes: Sizes, models: dict) -> list:
         del optimizer
         model.to("cpu")
     return rows
+
+
+def _backward(loss_fn, model, ids):
+    loss_fn(model, ids).backward()
 
 
 def bench_memory(device: str, sizes: Sizes, models: dict) -> list:
@@ -369,8 +379,9 @@ def bench_memory(device: str, sizes: Sizes, models: dict) -> list:
         model.to(device).train()
         extra = 1 if name == "minGRU-pytorch LM" else 0
         ids = torch.randint(0, sizes.vocab_size, (batch, seq + extra), device=device)
-        loss_fn(model, ids).backward()  # warm-up: gradients exist already, as in any step after the first
-        peak = peak_memory_bytes(lambda: loss_fn(model, ids).backward(), device)
+        backward = functools.partial(_backward, loss_fn, model, ids)
+        backward()  # warm-up: gradients exist already, as in any step after the first
+        peak = peak_memory_bytes(backward, device)
         model.zero_grad(set_to_none=True)
         model.to("cpu")
         rows.append({"model": name, "seq": seq, "batch": batch, "peak_bytes": peak, "note": ""})
@@ -409,7 +420,7 @@ def decode_latencies(model, prompt: torch.Tensor, new_tokens: int, device: str, 
 
 def compile_config(device: str) -> CompileConfig:
     # "reduce-overhead" means CUDA graphs; on the CPU plain inductor. transformers compiles on CUDA only unless told.
-    config = CompileConfig(mode="reduce-overhead" if device == "cuda" else "default")
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device == "cuda" else "default")
     config._compile_all_devices = True
     return config
 
@@ -695,8 +706,9 @@ def write_report(results: dict, notes: list, device: str, machine: str, out: Pat
     sections += ["", "## Targets", "", targets_report(results, device)]
     if results.get("scan"):
         sections += ["", "## Scan backends vs the elementwise floor (fp32)", "",
-                     "The floor is one `torch.addcmul` pass reading two tensors and the previous state and writing one,"
-                     " over the scan's shape; both ratio columns divide by the same one-pass floor.", "",
+                     ("The floor is one `torch.addcmul(b, a, h_prev, out=h)` pass over tensors of the scan's shape (three"
+                      " read, one written into a preallocated output, so no page faults for fresh memory, which a scan"
+                      " returning a new tensor pays); both ratio columns divide by this same one-pass floor."), "",
                      scan_report(results["scan"])]
     if results.get("layer"):
         sections += ["", "## One layer, training step (forward + backward)", "",

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 
 
