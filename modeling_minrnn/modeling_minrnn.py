@@ -359,5 +359,22 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
+    @torch.no_grad()
+    def prefill(
+        self, input_ids: torch.LongTensor, chunk_size: int = 65536, cache: Cache | None = None
+    ) -> CausalLMOutputWithPast:
+        """Run a prompt of any length through the model in chunks, in memory bounded by `chunk_size`.
+
+        The state crosses chunk boundaries in the cache, so the result equals one full forward. Returns the last
+        position's logits `(batch, 1, vocab)` and the cache; to generate after it, prefill all but the prompt's last
+        token and call `generate(input_ids[:, -1:], cache=out.cache, ...)`.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be >= 1; got {chunk_size}.")
+        cache = cache if cache is not None else DynamicCache(config=self.config)
+        for chunk in input_ids.split(chunk_size, dim=1):
+            out = self(chunk, cache=cache, use_cache=True, logits_to_keep=1)
+        return out
+
 
 __all__ = ["MinRNNForCausalLM", "MinRNNModel", "MinRNNPreTrainedModel"]
