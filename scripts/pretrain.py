@@ -3,7 +3,7 @@
     accelerate launch scripts/pretrain.py                       # tiny recipe on the embedded corpus, offline
     accelerate launch scripts/pretrain.py --config configs/shakespeare_char.yaml \\
         --dataset ../shared/data/tinyshakespeare.txt --max-steps 2000
-    accelerate launch --num_processes 2 --cpu scripts/pretrain.py --batch-size 8
+    accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --batch-size 8   # 2 gloo processes on a CPU machine
     accelerate launch scripts/pretrain.py --output-dir out/tiny --resume   # continue after a crash
 
 Settings come from a recipe (`--config`, default `configs/tiny.yaml`) overridden by
