@@ -10,7 +10,8 @@ Forward and backward are each one fused pass over time, parallel over
 (batch x blocks of channels), with ``exp`` computed inline in a loop the compiler
 vectorises, so the cost stays near that of a few elementwise passes (memory bound).
 
-Public surface: :func:`cpu_scan_available` and :func:`cpu_scan`. Set
+Public surface: :func:`cpu_scan_available`, :func:`cpu_scan` and :func:`cpu_cell_scan` (a whole minGRU/minLSTM
+cell fused: gates computed inline from the input projections, forward and backward). Set
 ``MINRNN_DISABLE_CPU_EXT=1`` to force the PyTorch backends.
 """
 
@@ -41,10 +42,12 @@ _CPP_SOURCE = r"""
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace {
@@ -161,6 +164,148 @@ void backward_block(const float* log_a, const float* log_b, const float* h0, con
   std::copy(carry, carry + width, grad_h0);
 }
 
+// ---- Fused cells: from the input projections straight to the states. ----
+// The gates are recomputed in linear space from a few exp(y) with y <= 0, so nothing
+// overflows for any finite projection, and backward recomputes them instead of saving.
+
+// sigmoid(x) and sigmoid(-x) from one exp(-|x|) <= 1: the smaller of the two keeps full
+// relative precision (1 - sigmoid would round it to 0 for |x| > ~17).
+__attribute__((always_inline)) inline void sigmoid_pair(float x, float& pos, float& neg) {
+  const float e = exp_f32(-std::fabs(x));
+  const float big = 1.0f / (1.0f + e);
+  const float small = e * big;
+  pos = x >= 0.0f ? big : small;
+  neg = x >= 0.0f ? small : big;
+}
+
+// The paper's g(x) = x + 0.5 if x >= 0 else sigmoid(x), and g'(x) in `grad`.
+__attribute__((always_inline)) inline float g_f32(float x, float& grad) {
+  const float e = exp_f32(-std::fabs(x));  // exp(x) on the branch that uses it
+  const float inv = 1.0f / (1.0f + e);
+  grad = x >= 0.0f ? 1.0f : e * inv * inv;
+  return x >= 0.0f ? x + 0.5f : e * inv;
+}
+
+// minLSTM's normalised gates f' = s(f) / (s(f) + s(i)), i' = s(i) / (s(f) + s(i)) (s is
+// sigmoid), and s(-f), s(-i) for the backward. Multiplying through by
+// (1 + e^-f)(1 + e^-i) e^-m with m = max(0, -f, -i) leaves only exp of non-positive
+// numbers, one of them exp(0) = 1 in the denominator, so saturated gates never give 0/0.
+struct LstmGates {
+  float f, i, sig_neg_f, sig_neg_i;
+};
+
+__attribute__((always_inline)) inline LstmGates minlstm_gates(float f, float i) {
+  const float m = std::max(0.0f, std::max(-f, -i));
+  const float e0 = exp_f32(-m);
+  const float ef = exp_f32(-f - m);
+  const float ei = exp_f32(-i - m);
+  const float inv = 1.0f / (2.0f * e0 + ef + ei);
+  return {(e0 + ei) * inv, (e0 + ef) * inv, ef / (e0 + ef), ei / (e0 + ei)};
+}
+
+// h = a h_prev + b with minGRU's a = s(-k), b = s(k) g(h~).
+MINRNN_STEP
+void mingru_forward_step(const float* __restrict k, const float* __restrict h_tilde,
+                         const float* __restrict h_prev, float* __restrict h, int64_t width) {
+  for (int64_t d = 0; d < width; ++d) {
+    float z, a, unused;
+    sigmoid_pair(k[d], z, a);
+    h[d] = a * h_prev[d] + z * g_f32(h_tilde[d], unused);
+  }
+}
+
+// h = a h_prev + b with minLSTM's a = f', b = i' g(h~).
+MINRNN_STEP
+void minlstm_forward_step(const float* __restrict f, const float* __restrict i,
+                          const float* __restrict h_tilde, const float* __restrict h_prev,
+                          float* __restrict h, int64_t width) {
+  for (int64_t d = 0; d < width; ++d) {
+    float unused;
+    const LstmGates gates = minlstm_gates(f[d], i[d]);
+    h[d] = gates.f * h_prev[d] + gates.i * g_f32(h_tilde[d], unused);
+  }
+}
+
+// Adjoint step (see backward_step) chained through minGRU's gates:
+// dk = s(k) s(-k) dh (g - h_prev), dh~ = dh s(k) g'.
+MINRNN_STEP
+void mingru_backward_step(const float* __restrict k, const float* __restrict h_tilde,
+                          const float* __restrict h_prev, const float* __restrict grad_h,
+                          float* __restrict carry, float* __restrict grad_k,
+                          float* __restrict grad_h_tilde, int64_t width) {
+  for (int64_t d0 = (width - 1) / kLine * kLine; d0 >= 0; d0 -= kLine) {
+    const int64_t d1 = std::min(d0 + kLine, width);
+    for (int64_t d = d0; d < d1; ++d) {
+      const float dh = grad_h[d] + carry[d];
+      float z, a, dg;
+      sigmoid_pair(k[d], z, a);
+      const float g = g_f32(h_tilde[d], dg);
+      grad_k[d] = z * a * dh * (g - h_prev[d]);
+      grad_h_tilde[d] = dh * z * dg;
+      carry[d] = a * dh;
+    }
+  }
+}
+
+// Adjoint step chained through minLSTM's gates: with c = f' i' dh (h_prev - g),
+// df = c s(-f), di = -c s(-i), dh~ = dh i' g'.
+MINRNN_STEP
+void minlstm_backward_step(const float* __restrict f, const float* __restrict i,
+                           const float* __restrict h_tilde, const float* __restrict h_prev,
+                           const float* __restrict grad_h, float* __restrict carry,
+                           float* __restrict grad_f, float* __restrict grad_i,
+                           float* __restrict grad_h_tilde, int64_t width) {
+  for (int64_t d0 = (width - 1) / kLine * kLine; d0 >= 0; d0 -= kLine) {
+    const int64_t d1 = std::min(d0 + kLine, width);
+    for (int64_t d = d0; d < d1; ++d) {
+      const float dh = grad_h[d] + carry[d];
+      float dg;
+      const LstmGates gates = minlstm_gates(f[d], i[d]);
+      const float g = g_f32(h_tilde[d], dg);
+      const float c = gates.f * gates.i * dh * (h_prev[d] - g);
+      grad_f[d] = c * gates.sig_neg_f;
+      grad_i[d] = -c * gates.sig_neg_i;
+      grad_h_tilde[d] = dh * gates.i * dg;
+      carry[d] = gates.f * dh;
+    }
+  }
+}
+
+// One (batch, channel block) task of a cell: `step(t, h_prev, h_t)` runs the cell's step
+// at a real token; a padded one (keep[t] false) passes the state through (a = 1, b = 0).
+template <typename Step>
+void cell_forward_block(const bool* keep, const float* h0, float* h, int64_t seq,
+                        int64_t dim, int64_t width, const Step& step) {
+  for (int64_t t = 0; t < seq; ++t) {
+    const float* h_prev = t > 0 ? h + (t - 1) * dim : h0;
+    if (keep == nullptr || keep[t]) {
+      step(t, h_prev, h + t * dim);
+    } else {
+      std::copy(h_prev, h_prev + width, h + t * dim);
+    }
+  }
+}
+
+// `step(t, h_prev, carry)` runs the cell's adjoint step; `zero_grads(t)` clears the
+// projections' gradient at a padded token, where the carry just takes in grad_h.
+template <typename Step, typename ZeroGrads>
+void cell_backward_block(const bool* keep, const float* h0, const float* h,
+                         const float* grad_h, float* grad_h0, int64_t seq, int64_t dim,
+                         int64_t width, const Step& step, const ZeroGrads& zero_grads) {
+  float carry[kMaxWidth];
+  std::fill(carry, carry + width, 0.0f);
+  for (int64_t t = seq - 1; t >= 0; --t) {
+    if (keep == nullptr || keep[t]) {
+      step(t, t > 0 ? h + (t - 1) * dim : h0, carry);
+    } else {
+      const float* g = grad_h + t * dim;
+      for (int64_t d = 0; d < width; ++d) carry[d] += g[d];
+      zero_grads(t);
+    }
+  }
+  std::copy(carry, carry + width, grad_h0);
+}
+
 void check_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
               name, " must be a contiguous float32 CPU tensor");
@@ -187,16 +332,16 @@ void for_each_block(int64_t batch, int64_t dim, const Fn& fn) {
   });
 }
 
-at::Tensor initial_or_zeros(const std::optional<at::Tensor>& initial_state,
-                            const at::Tensor& log_a) {
+at::Tensor initial_or_zeros(const std::optional<at::Tensor>& initial_state, int64_t batch,
+                            int64_t dim, const at::TensorOptions& options) {
   if (initial_state.has_value()) {
     check_input(*initial_state, "initial_state");
-    TORCH_CHECK(initial_state->dim() == 2 && initial_state->size(0) == log_a.size(0) &&
-                    initial_state->size(1) == log_a.size(2),
+    TORCH_CHECK(initial_state->dim() == 2 && initial_state->size(0) == batch &&
+                    initial_state->size(1) == dim,
                 "initial_state must have shape (batch, dim)");
     return *initial_state;
   }
-  return at::zeros({log_a.size(0), log_a.size(2)}, log_a.options());
+  return at::zeros({batch, dim}, options);
 }
 
 at::Tensor scan_forward(const at::Tensor& log_a, const at::Tensor& log_b,
@@ -205,7 +350,8 @@ at::Tensor scan_forward(const at::Tensor& log_a, const at::Tensor& log_b,
   check_input(log_b, "log_b");
   TORCH_CHECK(log_a.dim() == 3 && log_a.sizes() == log_b.sizes(),
               "log_a and log_b must have the same shape (batch, seq, dim)");
-  const at::Tensor h0 = initial_or_zeros(initial_state, log_a);
+  const at::Tensor h0 =
+      initial_or_zeros(initial_state, log_a.size(0), log_a.size(2), log_a.options());
   at::Tensor h = at::empty_like(log_a);
   const int64_t seq = log_a.size(1), dim = log_a.size(2);
   const float* la = log_a.data_ptr<float>();
@@ -230,7 +376,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
   TORCH_CHECK(log_a.dim() == 3 && log_a.sizes() == log_b.sizes() &&
                   log_a.sizes() == h.sizes() && log_a.sizes() == grad_h.sizes(),
               "log_a, log_b, h and grad_h must have the same shape (batch, seq, dim)");
-  const at::Tensor h0 = initial_or_zeros(initial_state, log_a);
+  const at::Tensor h0 =
+      initial_or_zeros(initial_state, log_a.size(0), log_a.size(2), log_a.options());
   at::Tensor grad_log_a = at::empty_like(log_a);
   at::Tensor grad_log_b = at::empty_like(log_b);
   at::Tensor grad_h0 = at::empty_like(h0);
@@ -252,6 +399,126 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
   return {grad_log_a, grad_log_b, grad_h0};
 }
 
+// Number of projections per channel (k, h~ or f, i, h~).
+int64_t cell_projections(std::string_view cell_type) {
+  TORCH_CHECK(cell_type == "mingru" || cell_type == "minlstm",
+              "cell_type must be 'mingru' or 'minlstm', got '", cell_type, "'");
+  return cell_type == "mingru" ? 2 : 3;
+}
+
+// Checks `projections` (batch, seq, n * dim) and returns dim.
+int64_t cell_dim(const at::Tensor& projections, int64_t n) {
+  check_input(projections, "projections");
+  TORCH_CHECK(projections.dim() == 3 && projections.size(2) % n == 0,
+              "projections must have shape (batch, seq, ", n, " * dim)");
+  return projections.size(2) / n;
+}
+
+const bool* keep_or_null(const std::optional<at::Tensor>& padding_mask,
+                         const at::Tensor& projections) {
+  if (!padding_mask.has_value()) return nullptr;
+  TORCH_CHECK(padding_mask->device().is_cpu() && padding_mask->scalar_type() == at::kBool &&
+                  padding_mask->is_contiguous() && padding_mask->dim() == 2 &&
+                  padding_mask->size(0) == projections.size(0) &&
+                  padding_mask->size(1) == projections.size(1),
+              "padding_mask must be a contiguous bool CPU tensor of shape (batch, seq)");
+  return padding_mask->data_ptr<bool>();
+}
+
+at::Tensor cell_forward(std::string_view cell_type, const at::Tensor& projections,
+                        const std::optional<at::Tensor>& padding_mask,
+                        const std::optional<at::Tensor>& initial_state) {
+  const int64_t n = cell_projections(cell_type);
+  const int64_t dim = cell_dim(projections, n);
+  const int64_t batch = projections.size(0), seq = projections.size(1);
+  const bool* keep = keep_or_null(padding_mask, projections);
+  const at::Tensor h0 = initial_or_zeros(initial_state, batch, dim, projections.options());
+  at::Tensor h = at::empty({batch, seq, dim}, projections.options());
+  const float* pp = projections.data_ptr<float>();
+  const float* h0p = h0.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  for_each_block(batch, dim, [&](int64_t b, int64_t d0, int64_t width) {
+    const float* p = pp + b * seq * n * dim + d0;
+    const bool* kb = keep == nullptr ? nullptr : keep + b * seq;
+    float* hb = hp + b * seq * dim + d0;
+    const float* h0b = h0p + b * dim + d0;
+    if (n == 2) {
+      cell_forward_block(kb, h0b, hb, seq, dim, width,
+                         [&](int64_t t, const float* h_prev, float* h_t) {
+                           const float* row = p + t * n * dim;
+                           mingru_forward_step(row, row + dim, h_prev, h_t, width);
+                         });
+    } else {
+      cell_forward_block(kb, h0b, hb, seq, dim, width,
+                         [&](int64_t t, const float* h_prev, float* h_t) {
+                           const float* row = p + t * n * dim;
+                           minlstm_forward_step(row, row + dim, row + 2 * dim, h_prev, h_t,
+                                                width);
+                         });
+    }
+  });
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor> cell_backward(std::string_view cell_type,
+                                                 const at::Tensor& projections,
+                                                 const std::optional<at::Tensor>& padding_mask,
+                                                 const std::optional<at::Tensor>& initial_state,
+                                                 const at::Tensor& h, const at::Tensor& grad_h) {
+  const int64_t n = cell_projections(cell_type);
+  const int64_t dim = cell_dim(projections, n);
+  const int64_t batch = projections.size(0), seq = projections.size(1);
+  check_input(h, "h");
+  check_input(grad_h, "grad_h");
+  TORCH_CHECK(h.sizes() == grad_h.sizes() && h.dim() == 3 && h.size(0) == batch &&
+                  h.size(1) == seq && h.size(2) == dim,
+              "h and grad_h must have shape (batch, seq, dim)");
+  const bool* keep = keep_or_null(padding_mask, projections);
+  const at::Tensor h0 = initial_or_zeros(initial_state, batch, dim, projections.options());
+  at::Tensor grad_projections = at::empty_like(projections);
+  at::Tensor grad_h0 = at::empty_like(h0);
+  const float* pp = projections.data_ptr<float>();
+  const float* h0p = h0.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  const float* gp = grad_h.data_ptr<float>();
+  float* gpp = grad_projections.data_ptr<float>();
+  float* gh0 = grad_h0.data_ptr<float>();
+  for_each_block(batch, dim, [&](int64_t b, int64_t d0, int64_t width) {
+    const int64_t o = b * seq * dim + d0;
+    const float* p = pp + b * seq * n * dim + d0;
+    float* gproj = gpp + b * seq * n * dim + d0;
+    const bool* kb = keep == nullptr ? nullptr : keep + b * seq;
+    const auto zero_grads = [&](int64_t t) {
+      for (int64_t c = 0; c < n; ++c) {
+        float* row = gproj + t * n * dim + c * dim;
+        std::fill(row, row + width, 0.0f);
+      }
+    };
+    if (n == 2) {
+      cell_backward_block(
+          kb, h0p + b * dim + d0, hp + o, gp + o, gh0 + b * dim + d0, seq, dim, width,
+          [&](int64_t t, const float* h_prev, float* carry) {
+            const float* row = p + t * n * dim;
+            float* grad_row = gproj + t * n * dim;
+            mingru_backward_step(row, row + dim, h_prev, gp + o + t * dim, carry, grad_row,
+                                 grad_row + dim, width);
+          },
+          zero_grads);
+    } else {
+      cell_backward_block(
+          kb, h0p + b * dim + d0, hp + o, gp + o, gh0 + b * dim + d0, seq, dim, width,
+          [&](int64_t t, const float* h_prev, float* carry) {
+            const float* row = p + t * n * dim;
+            float* grad_row = gproj + t * n * dim;
+            minlstm_backward_step(row, row + dim, row + 2 * dim, h_prev, gp + o + t * dim,
+                                  carry, grad_row, grad_row + dim, grad_row + 2 * dim, width);
+          },
+          zero_grads);
+    }
+  });
+  return {grad_projections, grad_h0};
+}
+
 // Shapes only, so that torch.compile can trace through the autograd.Function.
 at::Tensor scan_forward_meta(const at::Tensor& log_a, const at::Tensor& log_b,
                              const std::optional<at::Tensor>& initial_state) {
@@ -266,22 +533,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward_meta(
           at::empty({log_a.size(0), log_a.size(2)}, log_a.options())};
 }
 
+at::Tensor cell_forward_meta(std::string_view cell_type, const at::Tensor& projections,
+                             const std::optional<at::Tensor>& padding_mask,
+                             const std::optional<at::Tensor>& initial_state) {
+  const int64_t dim = projections.size(2) / cell_projections(cell_type);
+  return at::empty({projections.size(0), projections.size(1), dim}, projections.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> cell_backward_meta(
+    std::string_view cell_type, const at::Tensor& projections,
+    const std::optional<at::Tensor>& padding_mask, const std::optional<at::Tensor>& initial_state,
+    const at::Tensor& h, const at::Tensor& grad_h) {
+  const int64_t dim = projections.size(2) / cell_projections(cell_type);
+  return {at::empty_like(projections), at::empty({projections.size(0), dim}, projections.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY({namespace}, m) {
   m.def("forward(Tensor log_a, Tensor log_b, Tensor? initial_state) -> Tensor");
   m.def("backward(Tensor log_a, Tensor log_b, Tensor? initial_state, Tensor h, "
         "Tensor grad_h) -> (Tensor, Tensor, Tensor)");
+  m.def("cell_forward(str cell_type, Tensor projections, Tensor? padding_mask, "
+        "Tensor? initial_state) -> Tensor");
+  m.def("cell_backward(str cell_type, Tensor projections, Tensor? padding_mask, "
+        "Tensor? initial_state, Tensor h, Tensor grad_h) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL({namespace}, CPU, m) {
   m.impl("forward", &scan_forward);
   m.impl("backward", &scan_backward);
+  m.impl("cell_forward", &cell_forward);
+  m.impl("cell_backward", &cell_backward);
 }
 
 TORCH_LIBRARY_IMPL({namespace}, Meta, m) {
   m.impl("forward", &scan_forward_meta);
   m.impl("backward", &scan_backward_meta);
+  m.impl("cell_forward", &cell_forward_meta);
+  m.impl("cell_backward", &cell_backward_meta);
 }
 """
 
@@ -408,3 +698,80 @@ def cpu_scan(log_a: torch.Tensor, log_b: torch.Tensor, initial_state: torch.Tens
             f"{_DISABLE_ENV} is set); check cpu_scan_available() and use a PyTorch backend"
         )
     return _CpuScan.apply(log_a.float().contiguous(), log_b.float().contiguous(), initial_state)
+
+
+_CELL_PROJECTIONS = {"mingru": 2, "minlstm": 3}
+
+
+class _CpuCellScan(torch.autograd.Function):
+    """Autograd wrapper over the fused cell kernels; inputs are contiguous CPU tensors (fp32, bool mask)."""
+
+    @staticmethod
+    def forward(ctx, cell_type, projections, padding_mask, initial_state):
+        h = _ops.cell_forward(cell_type, projections, padding_mask, initial_state)
+        ctx.cell_type = cell_type
+        # Only the projections and h: the backward recomputes the gates, which is cheaper than storing them.
+        ctx.save_for_backward(projections, padding_mask, initial_state, h)
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h):
+        projections, padding_mask, initial_state, h = ctx.saved_tensors
+        grad_projections, grad_initial = _ops.cell_backward(
+            ctx.cell_type, projections, padding_mask, initial_state, h, grad_h.contiguous()
+        )
+        return None, grad_projections, None, grad_initial if initial_state is not None else None
+
+
+def cpu_cell_scan(
+    cell_type: str,
+    projections: torch.Tensor,
+    padding_mask: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A whole minGRU or minLSTM cell in one native pass: gates from the input projections, then the recurrence.
+
+    Computes the same as the cells' log-space gates (`mingru_log_gates`, `minlstm_log_gates` in
+    `modeling_minrnn.py`) followed by :func:`cpu_scan`, without materialising the gates: about a third of the
+    memory traffic, and the backward recomputes the gates from the projections.
+
+    Args:
+        cell_type: ``"mingru"`` (``k, h_tilde = projections.chunk(2, -1)``) or ``"minlstm"``
+            (``f, i, h_tilde = projections.chunk(3, -1)``).
+        projections: (batch, seq, n * dim) the cell's input projections, any float dtype; computed in fp32, and
+            their gradient comes back in their dtype.
+        padding_mask: (batch, seq) bool, True at real tokens, or None. At padding the state passes through
+            unchanged and the projections get a zero gradient.
+        initial_state: (batch, dim) state before the first step, or None for zeros.
+
+    Returns:
+        h: (batch, seq, dim) fp32; the final state is ``h[:, -1]``. Differentiable in ``projections`` and
+        ``initial_state`` (first order).
+    """
+    if cell_type not in _CELL_PROJECTIONS:
+        raise ValueError(f"`cell_type` must be one of {sorted(_CELL_PROJECTIONS)}, got {cell_type!r}")
+    n = _CELL_PROJECTIONS[cell_type]
+    if not isinstance(projections, torch.Tensor) or projections.dim() != 3 or projections.shape[-1] % n:
+        shape = tuple(projections.shape) if isinstance(projections, torch.Tensor) else type(projections).__name__
+        raise ValueError(
+            f"`projections` must be a tensor of shape (batch, seq, {n} * dim) for cell_type {cell_type!r}, got {shape}"
+        )
+    batch, seq, width = projections.shape
+    _check_tensor("projections", projections, (batch, seq, width))
+    if padding_mask is not None:
+        if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+            kind = padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
+            raise ValueError(f"`padding_mask` must be a bool tensor (True = real token), got {kind}")
+        if tuple(padding_mask.shape) != (batch, seq):
+            raise ValueError(f"`padding_mask` must have shape {(batch, seq)}, got {tuple(padding_mask.shape)}")
+        padding_mask = padding_mask.to("cpu").contiguous()
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, (batch, width // n))
+        initial_state = initial_state.float().contiguous()
+    if not cpu_scan_available():
+        raise RuntimeError(
+            "cpu_cell_scan: the native CPU extension is not available (see the warning above, or "
+            f"{_DISABLE_ENV} is set); check cpu_scan_available() and use the PyTorch gates with a PyTorch backend"
+        )
+    return _CpuCellScan.apply(cell_type, projections.float().contiguous(), padding_mask, initial_state)

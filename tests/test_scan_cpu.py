@@ -1,4 +1,8 @@
-"""The native CPU scan (`modeling_minrnn/scan_cpu.py`) against a float64 loop over time written here."""
+"""The native CPU scan and fused cells (`modeling_minrnn/scan_cpu.py`) against float64 references.
+
+The scan is checked against a float64 loop over time; the fused cells against the model's own log-space gates
+(`modeling_minrnn.py`, evaluated in float64) followed by that loop.
+"""
 
 import os
 import subprocess
@@ -10,7 +14,8 @@ import torch
 
 from conftest import reference_scan
 
-from modeling_minrnn.scan_cpu import cpu_scan, cpu_scan_available
+from modeling_minrnn.modeling_minrnn import mingru_log_gates, minlstm_log_gates
+from modeling_minrnn.scan_cpu import cpu_cell_scan, cpu_scan, cpu_scan_available
 
 pytestmark = pytest.mark.skipif(
     not cpu_scan_available(), reason="the native CPU scan extension cannot be built here (no compiler?)"
@@ -198,6 +203,144 @@ def test_env_var_disables_extension(monkeypatch):
     assert not cpu_scan_available()
     with pytest.raises(RuntimeError, match="MINRNN_DISABLE_CPU_EXT"):
         cpu_scan(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+    with pytest.raises(RuntimeError, match="MINRNN_DISABLE_CPU_EXT"):
+        cpu_cell_scan("mingru", torch.zeros(1, 2, 6))
+
+
+CELLS = {"mingru": (2, mingru_log_gates), "minlstm": (3, minlstm_log_gates)}
+
+
+def reference_cell(cell_type, projections, padding_mask=None, initial_state=None):
+    """The model's log-space gates in float64, padding as the model masks it, then the float64 scan."""
+    n, log_gates = CELLS[cell_type]
+    log_a, log_b = log_gates(*projections.double().chunk(n, dim=-1))
+    if padding_mask is not None:
+        keep = padding_mask.unsqueeze(-1)
+        log_a = log_a.masked_fill(~keep, 0.0)
+        log_b = log_b.masked_fill(~keep, float("-inf"))
+    return reference_scan(log_a, log_b, initial_state)
+
+
+def make_cell_inputs(cell_type, batch, seq, dim, with_initial, scale=2.0, dtype=torch.float32, seed=0):
+    """(projections, initial_state or None) as leaves; `scale` spreads the projections over both branches of g."""
+    generator = torch.Generator().manual_seed(seed)
+    projections = torch.randn(batch, seq, CELLS[cell_type][0] * dim, generator=generator) * scale
+    initial = torch.randn(batch, dim, generator=generator) if with_initial else None
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()
+    return cast(projections), cast(initial)
+
+
+def check_cell_against_reference(cell_type, projections, padding_mask, initial, rtol=1e-5):
+    """Values and gradients (projections, initial state) of the fused cell vs `reference_cell`."""
+    shape = (*projections.shape[:2], projections.shape[2] // CELLS[cell_type][0])
+    grad_h = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    leaves = [t for t in (projections, initial) if t is not None]
+    h = cpu_cell_scan(cell_type, projections, padding_mask, initial)
+    got = torch.autograd.grad(h, leaves, grad_h)
+    h_ref = reference_cell(cell_type, projections, padding_mask, initial)
+    expected = torch.autograd.grad(h_ref, leaves, grad_h.double())
+    assert h.dtype == torch.float32 and h.shape == shape
+    assert_close_to_reference(h, h_ref, rtol)
+    for g, g_ref, leaf in zip(got, expected, leaves):
+        assert g.dtype == leaf.dtype
+        assert torch.isfinite(g).all()
+        assert_close_to_reference(g.float(), g_ref, rtol)
+    return h, got
+
+
+@pytest.mark.parametrize("cell_type", sorted(CELLS))
+@pytest.mark.parametrize(
+    "shape", [(2, 37, 19), (1, 1, 5), (1, 50, 33), (3, 9, 1030)], ids=["odd", "one_step", "batch_1_split", "rows_over_1024"]
+)
+@pytest.mark.parametrize("with_initial", [False, True], ids=["zero_state", "initial_state"])
+def test_cell_matches_reference(cell_type, shape, with_initial):
+    projections, initial = make_cell_inputs(cell_type, *shape, with_initial)
+    check_cell_against_reference(cell_type, projections, None, initial)
+
+
+@pytest.mark.parametrize("cell_type", sorted(CELLS))
+def test_cell_padding_passes_state_through_with_zero_grads(cell_type):
+    projections, initial = make_cell_inputs(cell_type, 3, 30, 20, with_initial=True)
+    keep = torch.ones(3, 30, dtype=torch.bool)
+    keep[0, :7] = False  # left padding
+    keep[1, 10:15] = False  # a hole
+    keep[2, [3, 20, 29]] = False  # single tokens, the last one included
+    h, (grad_projections, grad_initial) = check_cell_against_reference(cell_type, projections, keep, initial)
+    assert torch.equal(h[0, :7], initial[0].detach().expand(7, 20))
+    assert torch.equal(h[1, 10:15], h[1, 9:10].expand(5, 20))
+    assert torch.equal(grad_projections[~keep], torch.zeros_like(grad_projections[~keep]))
+
+    # Whatever sits in the padded projections (here inf and NaN) never reaches the state or the gradients.
+    garbage = projections.detach().clone()
+    garbage[~keep] = float("nan")
+    garbage[0, 0] = float("inf")
+    garbage.requires_grad_()
+    h_garbage = cpu_cell_scan(cell_type, garbage, keep, initial)
+    assert torch.equal(h_garbage, h)
+    grad_garbage = torch.autograd.grad(h_garbage.sum(), garbage)[0]
+    assert torch.equal(grad_garbage, torch.autograd.grad(cpu_cell_scan(cell_type, projections, keep, initial).sum(), projections)[0])
+
+
+@pytest.mark.parametrize("cell_type", sorted(CELLS))
+def test_cell_bf16_projections_compute_in_fp32_and_return_bf16_grads(cell_type):
+    projections, initial = make_cell_inputs(cell_type, 2, 40, 24, with_initial=True, dtype=torch.bfloat16)
+    # The reference sees the same bf16 values; only the gradient's final bf16 rounding differs.
+    check_cell_against_reference(cell_type, projections, None, initial, rtol=1e-2)
+
+
+@pytest.mark.parametrize("cell_type", sorted(CELLS))
+def test_cell_saturated_gates_stay_finite_and_accurate(cell_type):
+    """Projections up to |x| = 80 (sigmoids at 1e-35, exp(80) would overflow a naive ratio), every combination."""
+    n, _ = CELLS[cell_type]
+    # No exact 0: g has a kink there, and the reference's `relu` picks the derivative 0 instead of g'(0+) = 1.
+    levels = torch.tensor([-80.0, -45.0, -30.0, -5.0, -0.3, 0.3, 5.0, 30.0, 45.0, 80.0])
+    grid = torch.cartesian_prod(*[levels] * n)  # (levels ** n, n): each row one channel's (k, h~) or (f, i, h~)
+    projections = grid.T.reshape(1, 1, -1).repeat(1, 3, 1).requires_grad_()  # 3 steps: a and b both matter
+    initial = torch.linspace(-2, 2, grid.shape[0]).view(1, -1).requires_grad_()
+    check_cell_against_reference(cell_type, projections, None, initial)
+
+    # One step from a zero state is b alone: elementwise relative accuracy, down to ~1e-35.
+    one_step = projections.detach()[:, :1]
+    b = cpu_cell_scan(cell_type, one_step)
+    b_ref = reference_cell(cell_type, one_step)
+    torch.testing.assert_close(b.double(), b_ref, rtol=1e-5, atol=1e-37)
+
+
+def test_cell_empty_inputs():
+    for shape in [(2, 0, 5), (2, 3, 0), (0, 3, 4)]:
+        projections, initial = make_cell_inputs("minlstm", *shape, with_initial=True)
+        h = cpu_cell_scan("minlstm", projections, None, initial)
+        assert h.shape == shape
+        grad_projections, grad_initial = torch.autograd.grad(h.sum(), (projections, initial), allow_unused=True)
+        assert grad_projections.shape == projections.shape
+        assert torch.equal(grad_initial, torch.zeros_like(initial))
+
+
+def test_cell_torch_compile_traces_through():
+    projections, initial = make_cell_inputs("mingru", 2, 9, 5, with_initial=True)
+    keep = torch.tensor([[False, True] + [True] * 7, [True] * 9])
+    loss = lambda *args: (cpu_cell_scan("mingru", *args) ** 2).sum()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(projections, keep, initial), (projections, initial))
+    expected = torch.autograd.grad(loss(projections, keep, initial), (projections, initial))
+    for g, g_ref in zip(got, expected):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_cell_rejects_bad_arguments():
+    projections = torch.zeros(2, 5, 6)
+    with pytest.raises(ValueError, match="cell_type.*'gru'"):
+        cpu_cell_scan("gru", projections)
+    with pytest.raises(ValueError, match=r"projections.*\(batch, seq, 3 \* dim\).*minlstm.*\(2, 5, 4\)"):
+        cpu_cell_scan("minlstm", torch.zeros(2, 5, 4))
+    with pytest.raises(ValueError, match="projections.*floating-point"):
+        cpu_cell_scan("mingru", projections.long())
+    with pytest.raises(ValueError, match="padding_mask.*bool.*torch.int64"):
+        cpu_cell_scan("mingru", projections, torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"padding_mask.*\(2, 5\).*\(2, 4\)"):
+        cpu_cell_scan("mingru", projections, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"initial_state.*\(2, 3\)"):
+        cpu_cell_scan("mingru", projections, None, torch.zeros(2, 6))
 
 
 def _python(code, **env):
