@@ -48,7 +48,7 @@ class MinRNNConfig(PreTrainedConfig):
     hidden_size: int = 768
     num_hidden_layers: int = 12
     cell_type: str = "mingru"
-    expansion_factor: float = 2.0
+    expansion_factor: float | int = 2.0
     conv_kernel: int = 4
     intermediate_size: int = 3072
     layer_norm_epsilon: float = 1e-5

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import typing
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def plot_curves(histories: dict[str, list[dict]], y_key: str, y_label: str, titl
         axis.set_ylabel(y_label)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.fill(line, 140) for line in title.splitlines()), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

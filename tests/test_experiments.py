@@ -105,3 +105,10 @@ def test_shakespeare_smoke(tmp_path):
     assert all(2.5 < run["test_loss"] < 4.5 and run["tokens_per_s"] > 0 for run in runs)
     assert (tmp_path / "curves_steps.png").exists() and (tmp_path / "curves_time.png").exists()
     assert "| gpt2 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_experiment_configs_load(path):
+    script = sc if path.name.startswith("selective_copying") else shakespeare
+    settings = script.parse_settings(script.Settings, ["--config", str(path)], "")
+    assert settings.output_dir.startswith("results/")
