@@ -8,8 +8,8 @@ Every comparison runs side by side in the same process, so the ratios hold for t
    (8, 512, 256)), forward and forward+backward,
    against the elementwise floor (one `torch.addcmul` pass over tensors of the same size: what any scan must at
    least read and write) and against the paper's log-space scan.
-2. layer: a training step (forward + backward) of one minGRU / minLSTM mixer (in_proj -> scan -> out_proj, hidden
-   256, batch 8, no conv) against `nn.GRU` / `nn.LSTM` of hidden 256, at T = 512 and 4096: the paper's headline.
+2. layer: a training step (forward + backward) of one minGRU / minLSTM mixer (in_proj -> scan, hidden
+   256, batch 8, no conv, expansion 1: no projection back, as in the paper) against `nn.GRU` / `nn.LSTM` of hidden 256, at T = 512 and 4096: the paper's headline.
 3. train: training tokens/s (forward + backward + AdamW) at equal parameter counts (+-5%, ~6M, hidden 256) of
    `MinRNNForCausalLM` against GPT-2 (sdpa), Mamba and lucidrains' minGRU-pytorch LM, at T = 256, 1024, 4096 with
    8192 tokens per step.
@@ -712,7 +712,7 @@ def write_report(results: dict, notes: list, device: str, machine: str, out: Pat
                      scan_report(results["scan"])]
     if results.get("layer"):
         sections += ["", "## One layer, training step (forward + backward)", "",
-                     "minGRU/minLSTM (minrnn): `MinRNNMixer` (in_proj -> scan -> out_proj, expansion 1, no conv).", "",
+                     "minGRU/minLSTM (minrnn): `MinRNNMixer` (in_proj -> scan, expansion 1 so no projection back, as in the paper; no conv).", "",
                      layer_report(results["layer"])]
     if results.get("train"):
         sections += ["", "## Language models, training tokens/s (forward + backward + AdamW)", "",

@@ -74,8 +74,12 @@ class MinRNNMixer(nn.Module):
                 padding=self.conv_kernel - 1,
             )
         self.in_proj = nn.Linear(self.hidden_size, self.n_gates * self.recurrent_size, bias=False)
-        self.out_proj = nn.Linear(self.recurrent_size, self.hidden_size, bias=False)
-        self.out_proj.is_residual_output = True
+        if self.recurrent_size != self.hidden_size:
+            self.out_proj = nn.Linear(self.recurrent_size, self.hidden_size, bias=False)
+            self.out_proj.is_residual_output = True
+        else:
+            # As in the paper: without expansion the cell's state is the output, with no projection back.
+            self.out_proj = nn.Identity()
 
     def causal_conv(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs."""
@@ -119,7 +123,7 @@ class MinRNNMixer(nn.Module):
             # Without a conv, nothing else marks the layer as holding a state (transformers sets the flag only in
             # `update_conv_state`), and the next call would start from zeros.
             cache.layers[self.layer_idx].has_previous_state[0] = True
-        return self.out_proj(states.to(self.out_proj.weight.dtype))
+        return self.out_proj(states.to(hidden_states.dtype))
 
 
 class MinRNNMLP(nn.Module):

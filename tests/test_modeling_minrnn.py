@@ -281,3 +281,11 @@ def test_layer_parity_at_65536_tokens():
     )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell_type,n_gates", [("mingru", 2), ("minlstm", 3)])
+def test_without_expansion_the_cell_is_the_papers_layer(cell_type, n_gates):
+    """expansion_factor=1: Linear(hidden -> n_gates * hidden) then the scan; the state is the output."""
+    mixer = tiny_model(cell_type=cell_type, expansion_factor=1).model.layers[0].mixer
+    assert isinstance(mixer.out_proj, torch.nn.Identity)
+    assert mixer.in_proj.weight.shape == (n_gates * 32, 32)
