@@ -53,7 +53,7 @@ _CELL_GATES = {"mingru": (2, mingru_log_gates), "minlstm": (3, minlstm_log_gates
 
 
 class MinRNNMixer(nn.Module):
-    """Causal depthwise conv (optional) -> minGRU/minLSTM cell at `recurrent_size` width -> projection back.
+    """Causal depthwise conv (optional) -> minGRU/minLSTM cell at `recurrent_size` width -> projection back (if any).
 
     With a cache, the conv window and the recurrent state `h` live in the block's `LinearAttentionLayer`, so a
     forward over new tokens continues exactly where the cached one stopped.
