@@ -220,6 +220,8 @@ def test_weight_init_really_applies():
     assert abs(std(model.model.layers[0].mixer.out_proj.weight) - 0.02 / 8**0.5) < 0.001
     assert abs(std(model.model.layers[0].mlp.down_proj.weight) - 0.02 / 8**0.5) < 0.001
     assert torch.equal(model.model.layers[0].norm.weight, torch.ones(256))
+    conv = model.model.layers[0].mixer.conv1d.weight
+    assert torch.equal(conv[..., -1], torch.ones(256, 1)) and not conv[..., :-1].any()  # starts as the identity
     assert model.lm_head.weight is model.model.embeddings.weight
 
 
