@@ -12,10 +12,14 @@ from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLa
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import capture_outputs
 
+from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
 from .scan import linear_recurrence, resolve_backend
 from .scan_cpu import cpu_cell_scan
@@ -55,8 +59,9 @@ _CELL_GATES = {"mingru": (2, mingru_log_gates), "minlstm": (3, minlstm_log_gates
 class MinRNNMixer(nn.Module):
     """Causal depthwise conv (optional) -> minGRU/minLSTM cell at `recurrent_size` width -> projection back (if any).
 
-    With a cache, the conv window and the recurrent state `h` live in the block's `LinearAttentionLayer`, so a
-    forward over new tokens continues exactly where the cached one stopped.
+    With a cache, the conv window and the recurrent state `h` live in the block's cache layer, so a forward over
+    new tokens continues exactly where the cached one stopped. The layer also receives the state after every token
+    (`all_states`): a `MinRNNCacheLayer` keeps them while recording, to roll back after speculative decoding.
     """
 
     def __init__(self, config: MinRNNConfig, layer_idx: int):
@@ -119,7 +124,7 @@ class MinRNNMixer(nn.Module):
             states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend)
 
         if cache is not None:
-            cache.update_recurrent_state(states[:, -1], self.layer_idx)
+            cache.update_recurrent_state(states[:, -1], self.layer_idx, all_states=states)
             # Without a conv, nothing else marks the layer as holding a state (transformers sets the flag only in
             # `update_conv_state`), and the next call would start from zeros.
             cache.layers[self.layer_idx].has_previous_state[0] = True
@@ -165,8 +170,8 @@ class MinRNNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["MinRNNBlock"]
     supports_gradient_checkpointing = True
-    # The state cannot be rolled back, so generate() refuses assisted decoding with a clear error.
-    _is_stateful = True
+    # transformers' output recording: `output_hidden_states` collects each block's input and the final output.
+    _can_record_outputs = {"hidden_states": MinRNNBlock}
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -212,13 +217,15 @@ def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
         isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers[: config.num_hidden_layers]
     ):
         raise ValueError(
-            "`cache` must hold one linear-attention layer per block: create it with "
-            "`DynamicCache(config=model.config)` or take the `cache` returned by a previous forward/generate."
+            "`cache` must hold one linear-attention layer per block: create it with `MinRNNCache(model.config)` "
+            "(or `DynamicCache(config=model.config)`) or take the `cache` returned by a previous forward/generate."
         )
     state = layers[0].recurrent_states[0] if layers[0].has_previous_state[0] else None
     if state is not None and state.shape[0] != batch_size:
         raise ValueError(
-            f"`cache` holds states for batch size {state.shape[0]} but the input has batch size {batch_size}."
+            f"`cache` holds states for batch size {state.shape[0]} but the input has batch size {batch_size}; to "
+            f"run several rows from one state (e.g. `num_return_sequences`), fork it with "
+            f"`cache.batch_repeat_interleave(n)` first."
         )
 
 
@@ -238,6 +245,9 @@ class MinRNNModel(MinRNNPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -245,22 +255,19 @@ class MinRNNModel(MinRNNPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> tuple | BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; give these or `inputs_embeds`.
         attention_mask (`(batch, seq)`): 1 for real tokens, 0 for padding; padding leaves the state untouched.
         inputs_embeds (`(batch, seq, hidden)`): embeddings to use instead of `input_ids`.
-        cache (`Cache`): the recurrent state of earlier tokens (a `DynamicCache(config=...)` or one returned by an
-            earlier call); updated in place with the state after these tokens.
+        cache (`Cache`): the recurrent state of earlier tokens (a `MinRNNCache(config)`, a
+            `DynamicCache(config=...)` or one returned by an earlier call); updated in place with the state after
+            these tokens. `past_key_values` and `cache_params` are deprecated aliases.
         use_cache (`bool`): create a cache when none is given, and return it.
+        output_hidden_states (`bool`): also return the input of every block and the final output (recorded by
+            transformers' `capture_outputs`); `return_dict=False` returns a tuple.
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
 
         if (input_ids is None) == (inputs_embeds is None):
@@ -287,26 +294,17 @@ class MinRNNModel(MinRNNPreTrainedModel):
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
             use_cache = False
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = MinRNNCache(self.config)
         if cache is not None:
             _check_cache(cache, self.config, batch_size)
         has_state = cache is not None and cache.layers[0].has_previous_state[0]
         padding_mask = _padding_mask(attention_mask, batch_size, seq_len, has_state)
 
         hidden_states = self.dropout(inputs_embeds)
-        all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
             hidden_states = block(hidden_states, padding_mask, cache)
         hidden_states = self.norm_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        cache = cache if use_cache else None
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
 class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
@@ -324,6 +322,9 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, new_embeddings):
         self.model.set_input_embeddings(new_embeddings)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -333,10 +334,9 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> tuple | CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq)`): targets for the next-token loss; shifted inside the
             model, so `labels = input_ids` works. `-100` is ignored. `num_items_in_batch` (a keyword) normalises
@@ -345,12 +345,6 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
 
         Other arguments as in `MinRNNModel.forward`.
         """
-        if "past_key_values" in kwargs:
-            # A recurrent state silently ignored would decode from scratch; take the old name as the new one.
-            past = kwargs.pop("past_key_values")
-            if cache is None:
-                cache = past
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -360,19 +354,49 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        if not return_dict:
-            output = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)
-            return (loss,) + output if loss is not None else output
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() builds a plain `DynamicCache`; use a `MinRNNCache` instead, which holds the same states and
+        can also roll back (assisted and prompt-lookup decoding) and count its tokens (chunked prefill). A cache
+        the caller passed is used as given."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        built = model_kwargs.get("cache")
+        if type(built) is not DynamicCache or getattr(built, "_is_user_defined", False):
+            return
+        # A rollback never goes back further than the tokens this call may generate (+1: the assistant re-feeds
+        # the last accepted token).
+        max_rollback = max(MinRNNCache(self.config).max_rollback, (generation_config.max_new_tokens or 0) + 1)
+        cache = MinRNNCache(self.config, max_rollback=max_rollback, offloading=built.offloading)
+        if any(getattr(layer, "record_past", False) for layer in built.layers):
+            cache.activate_past_recording()  # as transformers decided for its own cache (an assistant's)
+        model_kwargs["cache"] = cache
+
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, inputs_embeds=None,
+        is_first_iteration=False, **kwargs,
+    ):
+        # An assistant model's generate() starts each round from its rolled-back cache with the whole sequence;
+        # transformers slices off the consumed tokens only for attention caches, so do it here for the recurrent one.
+        if (
+            next_sequence_length is None
+            and not is_first_iteration
+            and isinstance(cache, MinRNNCache)
+            and cache.is_recording_past(0)
+            and 0 < cache.get_seq_length() < input_ids.shape[1]
+        ):
+            next_sequence_length = input_ids.shape[1] - cache.get_seq_length()
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
         )
 
     @torch.no_grad()
@@ -387,7 +411,7 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         """
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be >= 1; got {chunk_size}.")
-        cache = cache if cache is not None else DynamicCache(config=self.config)
+        cache = cache if cache is not None else MinRNNCache(self.config)
         for chunk in input_ids.split(chunk_size, dim=1):
             out = self(chunk, cache=cache, use_cache=True, logits_to_keep=1)
         return out
