@@ -178,3 +178,172 @@ def test_generate_prefill_chunk_size_equals_unchunked(cell_type, conv_kernel):
     expected = model.generate(ids, max_new_tokens=10, do_sample=False)
     for chunk in (7, 16):  # uneven chunks, shorter and longer than the conv window
         assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False, prefill_chunk_size=chunk), expected)
+
+
+# --- saved, loaded and forked prompt states -------------------------------------------------------------------------
+
+
+def prefilled(model, ids):
+    """The state after all but the last token of `ids` (so that generate() continues with that last token)."""
+    cache = MinRNNCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :-1], cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("cell_type,conv_kernel", CELLS_AND_CONVS)
+def test_saved_state_loads_to_the_same_logits_and_generation(tmp_path, cell_type, conv_kernel):
+    model = tiny_model(cell_type=cell_type, conv_kernel=conv_kernel)
+    ids = prompt(20)
+    prefilled(model, ids).save(tmp_path / "state.safetensors", model)
+    loaded = MinRNNCache.load(tmp_path / "state.safetensors", model)
+    assert loaded.get_seq_length() == 19
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+        torch.testing.assert_close(model(ids[:, -1:], cache=loaded).logits[:, -1], expected, rtol=1e-5, atol=1e-5)
+    loaded = MinRNNCache.load(tmp_path / "state.safetensors", model)
+    continued = model.generate(ids[:, -1:], cache=loaded, max_new_tokens=12, do_sample=False)
+    assert torch.equal(continued[:, 1:], model.generate(ids, max_new_tokens=12, do_sample=False)[:, 20:])
+
+
+def test_state_file_size_does_not_grow_with_the_prompt(tmp_path):
+    model = tiny_model()
+    prefilled(model, prompt(10)).save(tmp_path / "short.safetensors", model)
+    prefilled(model, prompt(3000)).save(tmp_path / "long.safetensors", model)
+    short, long = (os.path.getsize(tmp_path / f"{n}.safetensors") for n in ("short", "long"))
+    assert short == long
+    # h (fp32, 48 channels) + conv window (32 channels x 4) per layer, 2 layers: the data, plus a small header.
+    assert 2 * (48 * 4 + 32 * 4 * 4) < long < 2 * (48 * 4 + 32 * 4 * 4) + 2048
+
+
+STATE_IN_ANOTHER_PROCESS = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from modeling_minrnn import MinRNNCache, MinRNNForCausalLM
+    model = MinRNNForCausalLM.from_pretrained(sys.argv[2]).eval()
+    data = torch.load(sys.argv[4])
+    cache = MinRNNCache.load(sys.argv[3], model)
+    with torch.no_grad():
+        logits = model(data["last"], cache=cache).logits[:, -1]
+    torch.testing.assert_close(logits, data["logits"], rtol=1e-5, atol=1e-5)
+    generated = model.generate(data["last"], cache=MinRNNCache.load(sys.argv[3], model), max_new_tokens=10,
+                               do_sample=False)
+    assert torch.equal(generated, data["generated"]), (generated, data["generated"])
+    print("state ok")
+    """
+)
+
+
+def test_saved_state_continues_exactly_in_another_process(tmp_path):
+    model = tiny_model(cell_type="minlstm")
+    model.save_pretrained(tmp_path / "model")
+    ids = prompt(30)
+    prefilled(model, ids).save(tmp_path / "state.safetensors", model)
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1]
+    generated = model.generate(ids, max_new_tokens=10, do_sample=False)[:, 29:]
+    torch.save({"last": ids[:, -1:], "logits": logits, "generated": generated}, tmp_path / "expected.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", STATE_IN_ANOTHER_PROCESS, ROOT, str(tmp_path / "model"),
+         str(tmp_path / "state.safetensors"), str(tmp_path / "expected.pt")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "state ok" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "other,field",
+    [
+        (dict(cell_type="minlstm"), "cell_type"),
+        (dict(num_hidden_layers=3), "num_hidden_layers"),
+        (dict(hidden_size=48, intermediate_size=96), "hidden_size"),
+        (dict(expansion_factor=2.0), "recurrent_size"),
+        (dict(conv_kernel=3), "conv_kernel"),
+        (dict(seed=5), "weights_fingerprint"),
+    ],
+)
+def test_a_state_from_another_model_is_refused_naming_the_field(tmp_path, other, field):
+    model = tiny_model()
+    prefilled(model, prompt()).save(tmp_path / "state.safetensors", model)
+    with pytest.raises(ValueError, match=f"state.safetensors.*{field}="):
+        MinRNNCache.load(tmp_path / "state.safetensors", tiny_model(**other))
+
+
+def test_a_state_for_other_weights_dtype_or_a_bad_file_is_refused(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "state.safetensors"
+    prefilled(model, prompt()).save(path, model)
+    with pytest.raises(ValueError, match="dtype=float32.*dtype=bfloat16"):
+        MinRNNCache.load(path, tiny_model().to(torch.bfloat16))
+    tuned = tiny_model()
+    with torch.no_grad():
+        tuned.model.layers[1].mixer.in_proj.weight[0, 0] += 1.0  # one changed weight
+    with pytest.raises(ValueError, match="weights_fingerprint"):
+        MinRNNCache.load(path, tuned)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    foreign = tmp_path / "model"
+    model.save_pretrained(foreign)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a state")
+    for bad in (truncated, foreign / "model.safetensors", text):
+        with pytest.raises(ValueError, match=bad.name):
+            MinRNNCache.load(bad, model)
+
+
+def test_one_state_forked_to_many_rows_equals_each_prompt_alone():
+    """One long shared prompt prefilled once, forked to 3 rows that continue with different suffixes."""
+    model = tiny_model()
+    shared = prompt(25)
+    suffixes = torch.randint(3, 48, (3, 4), generator=torch.Generator().manual_seed(9))
+    cache = prefilled(model, torch.cat([shared, suffixes[:1, :1]], 1))  # the state after `shared` alone
+    cache.batch_repeat_interleave(3)
+    with torch.no_grad():
+        forked = model(suffixes, cache=cache).logits[:, -1]
+        alone = model(torch.cat([shared.expand(3, -1), suffixes], 1)).logits[:, -1]
+    torch.testing.assert_close(forked, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_num_return_sequences_from_a_forked_state():
+    model = tiny_model()
+    ids = prompt(15)
+    torch.manual_seed(3)
+    plain = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=10, num_return_sequences=4)
+    cache = prefilled(model, ids)
+    cache.batch_repeat_interleave(4)
+    torch.manual_seed(3)
+    forked = model.generate(ids[:, -1:], cache=cache, max_new_tokens=8, do_sample=True, top_k=10,
+                            num_return_sequences=4)
+    assert torch.equal(forked[:, 1:], plain[:, 15:])
+    assert len({tuple(row) for row in plain[:, 15:].tolist()}) > 1, "degenerate test: all samples equal"
+    with pytest.raises(ValueError, match="batch_repeat_interleave"):  # an unforked state: a clear error
+        model.generate(ids[:, -1:], cache=prefilled(model, ids), max_new_tokens=2, do_sample=True,
+                       num_return_sequences=4)
+
+
+def test_select_reorder_and_concatenate_states_of_different_prompts():
+    model = tiny_model()
+    prompts = [prompt(n, seed=n) for n in (5, 12, 8)]
+    states = [prefilled(model, p) for p in prompts]
+    with torch.no_grad():
+        alone = torch.cat([model(p).logits[:, -1] for p in prompts])
+        last = torch.cat([p[:, -1:] for p in prompts])
+
+        batch = MinRNNCache.concatenate(states)
+        assert batch.get_seq_length() == 11  # the longest, as if the others were left-padded
+        torch.testing.assert_close(model(last, cache=batch).logits[:, -1], alone, rtol=1e-5, atol=1e-5)
+
+        batch = MinRNNCache.concatenate(states)
+        batch.reorder_cache(torch.tensor([2, 0, 1]))
+        torch.testing.assert_close(model(last[[2, 0, 1]], cache=batch).logits[:, -1], alone[[2, 0, 1]],
+                                   rtol=1e-5, atol=1e-5)
+
+        batch = MinRNNCache.concatenate(states)
+        batch.batch_select_indices(torch.tensor([1]))
+        torch.testing.assert_close(model(last[1:2], cache=batch).logits[:, -1], alone[1:2], rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="hold a state"):
+        MinRNNCache.concatenate([states[0], MinRNNCache(model.config)])
