@@ -194,6 +194,12 @@ def test_outputs_hidden_states_tuple_and_loss_normalisation():
         torch.testing.assert_close(out.hidden_states[-1], model.model.norm_f(stream))
     only_last = model(ids, output_hidden_states=[-1]).hidden_states
     assert only_last[0] is None and torch.equal(only_last[-1], out.hidden_states[-1])
+    # ModelTesterMixin's output equivalence: the tuple holds the dict's fields in order; the config's default holds.
+    base_tuple = model.model(ids, use_cache=True, output_hidden_states=True, return_dict=False)
+    assert len(base_tuple) == 3 and type(base_tuple[1]).__name__ == "MinRNNCache"
+    torch.testing.assert_close(base_tuple[2][-1], base_tuple[0])
+    model.config.output_hidden_states = True
+    assert len(model(ids).hidden_states) == model.config.num_hidden_layers + 1
     as_tuple = model(ids, labels=ids, return_dict=False)
     torch.testing.assert_close(as_tuple[0], out.loss)
     torch.testing.assert_close(as_tuple[1], out.logits)
