@@ -333,7 +333,6 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -343,7 +342,7 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             the loss over gradient-accumulation steps.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (or these indices).
 
-        Other arguments as in `MinRNNModel.forward`.
+        Other arguments (`output_hidden_states` among them) as in `MinRNNModel.forward`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -351,8 +350,8 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
