@@ -86,7 +86,8 @@ class MinRNNCacheLayer(LinearAttentionLayer):
                 self.past_states = before.unsqueeze(1)
             past = torch.cat([self.past_states, all_states.to(self.past_states.dtype)], dim=1)
             # A clone, so that a long prefill's full `(batch, seq, recurrent)` tensor is not kept alive by a view.
-            self.past_states = past[:, -(self.max_rollback + 1) :].clone() if past.shape[1] > self.max_rollback + 1 else past
+            keep = self.max_rollback + 1
+            self.past_states = past[:, -keep:].clone() if past.shape[1] > keep else past
         self.seen_tokens += all_states.shape[1]
         return super().update_recurrent_state(recurrent_states, state_idx)
 
@@ -103,8 +104,8 @@ class MinRNNCacheLayer(LinearAttentionLayer):
             recorded = 0 if self.past_states is None else self.past_states.shape[1] - 1
             if not self.record_past or n > recorded:
                 raise ValueError(
-                    f"`crop({tokens_to_remove})` needs the state {n} tokens back, but this layer recorded only the last "
-                    f"{recorded} (record_past={self.record_past}, max_rollback={self.max_rollback}). Call "
+                    f"`crop({tokens_to_remove})` needs the state {n} tokens back, but this layer recorded only "
+                    f"the last {recorded} (record_past={self.record_past}, max_rollback={self.max_rollback}). Call "
                     "`cache.activate_past_recording()` before the forward, or create `MinRNNCache(config, "
                     "max_rollback=...)` with a larger window."
                 )
@@ -202,7 +203,7 @@ class MinRNNCache(DynamicCache):
             if layer.is_conv_states_initialized[0]:
                 tensors[f"layers.{i}.conv"] = layer.conv_states[0][..., -layer.conv_kernel_size[0] :].contiguous()
         metadata = {"format": STATE_FORMAT, "version": STATE_FORMAT_VERSION, **model_identity(model)}
-        metadata["seen_tokens"] = str(self.get_seq_length())
+        metadata["seen_tokens"] = f"{self.get_seq_length():020d}"  # fixed width: the file's size never varies
         save_file(tensors, os.fspath(path), metadata=metadata)
 
     @classmethod

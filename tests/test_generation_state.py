@@ -94,11 +94,14 @@ def test_an_assistant_continues_from_its_rolled_back_cache():
     )
     first = draft.generate(ids, max_new_tokens=5, **common)
     cache = first.cache
-    assert isinstance(cache, MinRNNCache) and cache.is_recording_past(0)  # switched on by transformers for an assistant's cache
+    # Built by generate() (a MinRNNCache) and switched to recording by transformers, as for any assistant's cache.
+    assert isinstance(cache, MinRNNCache) and cache.is_recording_past(0)
     cache.crop(-3)  # the target accepted 1 of the 4 fed candidates: keep the prompt and 1 token, re-feed 1
     sequence = first.sequences[:, : ids.shape[1] + 2]
     again = draft.generate(sequence, max_new_tokens=4, cache=cache, **common)
-    fresh = draft.generate(sequence, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    fresh = draft.generate(
+        sequence, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     torch.testing.assert_close(torch.cat(again.logits), torch.cat(fresh.logits), rtol=1e-5, atol=1e-5)
 
 
