@@ -201,7 +201,9 @@ class MinRNNCache(DynamicCache):
                 raise ValueError(f"Layer {i} holds no state yet: run the prompt through the cache before saving it.")
             tensors[f"layers.{i}.h"] = layer.recurrent_states[0].contiguous()
             if layer.is_conv_states_initialized[0]:
-                tensors[f"layers.{i}.conv"] = layer.conv_states[0][..., -layer.conv_kernel_size[0] :].contiguous()
+                kernel = layer.conv_kernel_size[0]
+                window = layer.conv_states[0][..., -kernel:]  # while recording, the window has older inputs before it
+                tensors[f"layers.{i}.conv"] = torch.nn.functional.pad(window, (kernel - window.shape[-1], 0)).contiguous()
         metadata = {"format": STATE_FORMAT, "version": STATE_FORMAT_VERSION, **model_identity(model)}
         metadata["seen_tokens"] = f"{self.get_seq_length():020d}"  # fixed width: the file's size never varies
         save_file(tensors, os.fspath(path), metadata=metadata)

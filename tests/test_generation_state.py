@@ -350,3 +350,13 @@ def test_select_reorder_and_concatenate_states_of_different_prompts():
 
     with pytest.raises(ValueError, match="hold a state"):
         MinRNNCache.concatenate([states[0], MinRNNCache(model.config)])
+
+
+def test_speculative_decoding_of_a_batch_is_refused_by_transformers():
+    """transformers' assisted decoding supports batch size 1 only; a batch gets its clear error, not wrong tokens."""
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 6))
+    with pytest.raises(ValueError, match="batch_size = 1"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="batch_size = 1"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, assistant_model=tiny_model(seed=1))
