@@ -2,7 +2,8 @@
 
 A small C++ kernel, compiled on first use with ``torch.utils.cpp_extension.load_inline``
 and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``; torch's lock file there keeps concurrent builds safe).
+``~/.cache/torch_extensions``; torch's lock file there keeps concurrent builds safe). A build is
+announced in one log line before and one after; ``python -m modeling_minrnn.build_kernel`` does it ahead.
 The source lives in this file as a string so that the package stays flat ``.py`` files,
 which transformers copies as remote code.
 
@@ -21,6 +22,7 @@ import os
 import re
 import sys
 import threading
+import time
 import warnings
 
 import torch
@@ -596,31 +598,60 @@ def _failure_reason(error: Exception) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
+def _extension_name() -> str:
+    """A name unique to this source, the flags and the torch version (the cache key of the build)."""
+    key = "\n".join([_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__])
+    return "minrnn_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _cached_library(namespace: str) -> str:
+    """Where torch's JIT build puts (or has put) the compiled library for ``namespace``."""
+    # torch's own rule for the folder (TORCH_EXTENSIONS_DIR, else a per-Python/accelerator folder in its cache).
+    from torch.utils.cpp_extension import LIB_EXT, _get_build_directory
+
+    return os.path.join(_get_build_directory(namespace, verbose=False), namespace + LIB_EXT)
+
+
 def _load_ops():
-    """Builds (first time on this machine, ~10-60 s) or loads the extension; None on failure."""
+    """Builds (first time on this machine, ~10-60 s) or loads the extension; None on failure.
+
+    A build logs one line before and one after: it is the only silent minute a new user (or a Hub user with
+    ``trust_remote_code``) would otherwise meet on the first forward. Loading a cached build logs nothing.
+    """
     global _ops, _load_failed
     with _lock:
         if _ops is None and not _load_failed:
-            key = "\n".join([_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__])
-            namespace = "minrnn_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+            namespace = _extension_name()
             # torch logs its own multi-line compiler warnings; the one line below replaces them.
             torch_logger = pylogging.getLogger("torch.utils.cpp_extension")
             level = torch_logger.level
             torch_logger.setLevel(pylogging.ERROR)
+            start, building = time.perf_counter(), False
             try:
                 from torch.utils.cpp_extension import load_inline
 
+                library = _cached_library(namespace)
+                if not os.path.isfile(library):
+                    building = True
+                    # WARNING: the level transformers users see by default (its logging starts at WARNING).
+                    logger.warning(
+                        "minrnn: compiling the native CPU scan kernel (first use on this machine, ~30 s; "
+                        f"cached in {os.path.dirname(library)}; build ahead with `python -m modeling_minrnn.build_kernel`)"
+                    )
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     load_inline(
                         name=namespace,
                         cpp_sources=[_CPP_SOURCE.replace("{namespace}", namespace)],
-                        extra_cflags=_CFLAGS,
-                        extra_ldflags=_LDFLAGS,
+                        # Copies: load_inline appends torch's libraries to the lists it is given.
+                        extra_cflags=list(_CFLAGS),
+                        extra_ldflags=list(_LDFLAGS),
                         is_python_module=False,
                         no_implicit_headers=True,
                     )
                 _ops = getattr(torch.ops, namespace)
+                if building:
+                    logger.warning(f"minrnn: native CPU scan kernel compiled in {time.perf_counter() - start:.1f} s")
             except Exception as error:  # noqa: BLE001 (no compiler, headers, ninja, setuptools, ...: never raise)
                 _load_failed = True
                 logger.warning(
