@@ -81,14 +81,40 @@ class MinRNNMixer(nn.Module):
             # As in the paper: without expansion the cell's state is the output, with no projection back.
             self.out_proj = nn.Identity()
 
-    def causal_conv(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs."""
+    def causal_conv(self, x: torch.Tensor, cache: Cache | None, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs.
+
+        `reset` `(batch, seq)` bool marks sequence starts: a tap that would read a token before the start of its
+        own sequence reads zero, as if the sequence ran alone.
+        """
         seq_len = x.shape[1]
         x = x.transpose(1, 2)
+        if reset is not None:
+            # Distance of each token from its sequence's start (>= conv_kernel before the first start, where the
+            # whole window, cached inputs included, belongs to the sequence carried in).
+            time = torch.arange(seq_len, device=x.device)
+            since_start = time - torch.where(reset, time, -self.conv_kernel).cummax(dim=1).values
         if cache is not None:
-            # Returns the cached window followed by `x` (or `x` alone on the first call) and keeps the newest inputs.
-            x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel)
+            new = x
+            if reset is not None:
+                # The cached window continues the row's last sequence: nothing before its start is kept.
+                last_start = torch.where(reset, time, -1).amax(dim=1, keepdim=True)
+                new = x.masked_fill((time < last_start).unsqueeze(1), 0.0)
+            # Returns the cached window followed by `new` (or `new` alone on the first call) and keeps the newest.
+            window = cache.update_conv_state(new, self.layer_idx, conv_kernel_size=self.conv_kernel)
+            x = window if reset is None else torch.cat([window[..., : window.shape[-1] - seq_len], x], dim=-1)
         total = x.shape[-1]
+        if reset is not None:
+            # Tap by tap (conv_kernel is small): the tap `lag` steps back counts only within the same sequence.
+            x = F.pad(x, (max(0, self.conv_kernel - 1 + seq_len - total), 0))
+            total = x.shape[-1]
+            weight = self.conv1d.weight.squeeze(1)  # (hidden, conv_kernel); the last tap is the current token
+            out = self.conv1d.bias.unsqueeze(-1).expand(-1, seq_len)
+            for lag in range(self.conv_kernel):
+                tap = x[..., total - seq_len - lag : total - lag]
+                tap = torch.where((lag <= since_start).unsqueeze(1), tap, 0.0)
+                out = out + weight[:, self.conv_kernel - 1 - lag, None] * tap
+            return out.transpose(1, 2)
         if seq_len == 1 and total >= self.conv_kernel:
             # One decoding step is a dot product over the window; a conv1d call costs ~5x more at batch 1.
             window = x[..., total - self.conv_kernel :]
@@ -96,18 +122,24 @@ class MinRNNMixer(nn.Module):
         return self.conv1d(x)[..., total - seq_len : total].transpose(1, 2)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        reset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)` bool, True = real token."""
+        """`hidden_states` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)` bool, True = real token; `reset`
+        `(batch, seq)` bool, True where a new sequence starts (state and conv window restart there)."""
         initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         if padding_mask is not None:
-            hidden_states = hidden_states * padding_mask.unsqueeze(-1).to(hidden_states.dtype)
-        x = self.causal_conv(hidden_states, cache) if self.conv_kernel > 0 else hidden_states
+            # Select, never multiply: NaN or inf at a padded position times 0 is NaN, and would reach the state.
+            hidden_states = hidden_states.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+        x = self.causal_conv(hidden_states, cache, reset) if self.conv_kernel > 0 else hidden_states
 
         projections = self.in_proj(x)
         if resolve_backend(self.scan_backend, projections) == "cpu":
             # The native kernel computes the same gates inside the scan: a third of the memory traffic.
-            states = cpu_cell_scan(self.cell_type, projections, padding_mask, initial_state)
+            states = cpu_cell_scan(self.cell_type, projections, padding_mask, initial_state, reset)
         else:
             # Gates in fp32 whatever the weights' dtype: the state accumulates over the whole sequence.
             log_a, log_b = self.log_gates(*projections.float().chunk(self.n_gates, dim=-1))
@@ -116,7 +148,7 @@ class MinRNNMixer(nn.Module):
                 keep = padding_mask.unsqueeze(-1)
                 log_a = log_a.masked_fill(~keep, 0.0)
                 log_b = log_b.masked_fill(~keep, float("-inf"))
-            states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend)
+            states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend, reset=reset)
 
         if cache is not None:
             cache.update_recurrent_state(states[:, -1], self.layer_idx)
@@ -152,9 +184,13 @@ class MinRNNBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        reset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.dropout(self.mixer(self.norm(hidden_states), padding_mask, cache))
+        hidden_states = hidden_states + self.dropout(self.mixer(self.norm(hidden_states), padding_mask, cache, reset))
         if self.mlp is not None:
             hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states
@@ -200,10 +236,117 @@ def _padding_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len:
             f"`attention_mask` must have shape (batch, seq) = {(batch_size, seq_len)} (or cover the cached tokens "
             f"too when a cache is passed); got {tuple(attention_mask.shape)}."
         )
-    mask = attention_mask[:, attention_mask.shape[1] - seq_len :].bool()
+    mask = attention_mask[:, attention_mask.shape[1] - seq_len :]
+    if not is_torchdynamo_compiling() and mask.dtype != torch.bool:
+        bad = mask[(mask != 0) & (mask != 1)]
+        if bad.numel():
+            raise ValueError(
+                f"`attention_mask` must hold only 0 (padding) and 1 (real token), or be bool; got "
+                f"{sorted(set(bad.unique()[:5].tolist()))}. An additive mask (0 / -inf) is not accepted: pass the "
+                "tokenizer's 0/1 mask."
+            )
+    mask = mask.bool()
     if not is_torchdynamo_compiling() and bool(mask.all()):
         return None
     return mask
+
+
+def _sequence_starts(
+    batch_size: int,
+    seq_len: int,
+    padding_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cu_seq_lens_q: torch.Tensor | None,
+    cu_seq_lens_k: torch.Tensor | None,
+    max_length_q: int | None,
+    max_length_k: int | None,
+    seq_idx: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The `(batch, seq)` bool mask of packed-sequence starts (where the state and conv window restart), or None.
+
+    Packing collators (transformers' `DataCollatorWithFlattening`, TRL's padding-free packing) mark where each
+    sequence starts in any of three ways; every one given is read and they must agree:
+    `position_ids` restart at 0; `cu_seq_lens_q/k` hold the start offsets in the flattened `(batch * seq)` tokens,
+    then the total; `seq_idx` changes value. A row's first real token of the call is never a start: the state carried
+    into the call (zeros, or the cache's) continues there, because `generate` numbers a continuation's first token
+    0 too. Padding is never a start (it leaves the state untouched).
+    """
+    derived = {}
+    if position_ids is not None:
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"`position_ids` must have shape (batch, seq) = {(batch_size, seq_len)} (or (1, seq)); got "
+                f"{tuple(position_ids.shape)}."
+            )
+        derived["position_ids"] = (position_ids == 0).expand(batch_size, seq_len)
+    for name, cu_seq_lens in (("cu_seq_lens_q", cu_seq_lens_q), ("cu_seq_lens_k", cu_seq_lens_k)):
+        if cu_seq_lens is None:
+            continue
+        total = batch_size * seq_len
+        offsets = cu_seq_lens.to(device=device, dtype=torch.long) if isinstance(cu_seq_lens, torch.Tensor) else None
+        if not is_torchdynamo_compiling() and (
+            offsets is None
+            or offsets.dim() != 1
+            or offsets.numel() < 2
+            or offsets.is_floating_point()
+            or int(offsets[0]) != 0
+            or int(offsets[-1]) != total
+            or bool((offsets.diff() < 0).any())
+        ):
+            got = cu_seq_lens.tolist() if isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.numel() <= 8 else (
+                tuple(cu_seq_lens.shape) if isinstance(cu_seq_lens, torch.Tensor) else type(cu_seq_lens).__name__
+            )
+            raise ValueError(
+                f"`{name}` must be a 1-D integer tensor of cumulative sequence lengths over the flattened batch: "
+                f"0, then non-decreasing, ending at batch * seq = {total}; got {got}."
+            )
+        lengths = offsets.diff()
+        max_length = max_length_q if name == "cu_seq_lens_q" else max_length_k
+        if not is_torchdynamo_compiling() and max_length is not None and int(max_length) < int(lengths.max()):
+            raise ValueError(
+                f"`{'max_length_q' if name == 'cu_seq_lens_q' else 'max_length_k'}`={int(max_length)} is shorter "
+                f"than the longest sequence in `{name}` ({int(lengths.max())})."
+            )
+        row_starts = torch.arange(1, batch_size, device=device) * seq_len
+        if not is_torchdynamo_compiling() and not bool(torch.isin(row_starts, offsets).all()):
+            raise ValueError(
+                f"`{name}` has a sequence that runs from one row into the next; with batch size {batch_size}, each "
+                f"row (of {seq_len} tokens) must start a sequence: include every multiple of {seq_len}."
+            )
+        # Counted, not assigned: an empty sequence repeats an offset, which then still starts the next one.
+        starts = torch.zeros(total + 1, dtype=torch.long, device=device).index_add_(0, offsets[:-1], (lengths > 0).long())
+        derived[name] = (starts[:total] > 0).view(batch_size, seq_len)
+    if seq_idx is not None:
+        if seq_idx.dim() == 1:
+            seq_idx = seq_idx.unsqueeze(0)
+        if seq_idx.dim() != 2 or seq_idx.shape != (batch_size, seq_len) or seq_idx.is_floating_point():
+            raise ValueError(
+                f"`seq_idx` must be an integer tensor of shape (batch, seq) = {(batch_size, seq_len)}; got "
+                f"{seq_idx.dtype} {tuple(seq_idx.shape)}."
+            )
+        seq_idx = seq_idx.to(device)
+        starts = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        derived["seq_idx"] = starts
+    if not derived:
+        return None
+
+    # Only real tokens after the row's first real token of this call (see above).
+    real = padding_mask if padding_mask is not None else torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+    eligible = real & (real.cumsum(dim=1) > 1)
+    (first_name, reset), *others = [(name, starts.to(device) & eligible) for name, starts in derived.items()]
+    for name, other in others:
+        if not is_torchdynamo_compiling() and not torch.equal(other, reset):
+            raise ValueError(
+                f"`{first_name}` and `{name}` mark different sequence starts; pass consistent packing inputs "
+                "(e.g. all from one collator) or only one of them."
+            )
+    if not is_torchdynamo_compiling() and not bool(reset.any()):
+        return None
+    return reset
 
 
 def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
@@ -247,15 +390,30 @@ class MinRNNModel(MinRNNPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | BaseModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; give these or `inputs_embeds`.
-        attention_mask (`(batch, seq)`): 1 for real tokens, 0 for padding; padding leaves the state untouched.
+        attention_mask (`(batch, seq)`): 1 for real tokens, 0 for padding (or bool); padding leaves the state
+            untouched, whatever its embeddings hold.
         inputs_embeds (`(batch, seq, hidden)`): embeddings to use instead of `input_ids`.
         cache (`Cache`): the recurrent state of earlier tokens (a `DynamicCache(config=...)` or one returned by an
             earlier call); updated in place with the state after these tokens.
         use_cache (`bool`): create a cache when none is given, and return it.
+        position_ids (`(batch, seq)` or `(1, seq)`): packed sequences (`DataCollatorWithFlattening`, TRL packing):
+            a position 0 after the row's first real token starts a new sequence, where the state and the conv window
+            restart. Ordinary positions (0..seq-1, offsets after a cache, left padding) start nothing.
+        cu_seq_lens_q / cu_seq_lens_k (`(num_sequences + 1,)`): packed sequences as cumulative lengths over the
+            flattened `(batch * seq)` tokens, as the varlen attention kernels take them. `max_length_q/k`: their
+            longest sequence (checked, not needed).
+        seq_idx (`(batch, seq)` int): packed sequences as the index of the sequence each token belongs to.
+            Whichever packing inputs are given must agree; see `_sequence_starts`.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -282,6 +440,10 @@ class MinRNNModel(MinRNNPreTrainedModel):
                 f"got {tuple(inputs_embeds.shape)}."
             )
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            raise ValueError(
+                f"The input has no tokens (shape {(batch_size, 0)}); pass at least one token per row."
+            )
 
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
@@ -292,13 +454,21 @@ class MinRNNModel(MinRNNPreTrainedModel):
             _check_cache(cache, self.config, batch_size)
         has_state = cache is not None and cache.layers[0].has_previous_state[0]
         padding_mask = _padding_mask(attention_mask, batch_size, seq_len, has_state)
+        if padding_mask is not None:
+            # Whatever a padded position's embedding holds (NaN, inf) stays out of every later computation, its
+            # gradients included: each block only ever sees zeros there.
+            inputs_embeds = inputs_embeds.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+        reset = _sequence_starts(
+            batch_size, seq_len, padding_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            seq_idx, inputs_embeds.device,
+        )
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = block(hidden_states, padding_mask, cache)
+            hidden_states = block(hidden_states, padding_mask, cache, reset)
         hidden_states = self.norm_f(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -335,6 +505,12 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | CausalLMOutputWithPast:
         r"""
@@ -343,7 +519,8 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             the loss over gradient-accumulation steps.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (or these indices).
 
-        Other arguments as in `MinRNNModel.forward`.
+        Other arguments (packing inputs `position_ids`, `cu_seq_lens_q/k`, `max_length_q/k`, `seq_idx` included) as in
+        `MinRNNModel.forward`.
         """
         if "past_key_values" in kwargs:
             # A recurrent state silently ignored would decode from scratch; take the old name as the new one.
@@ -359,6 +536,12 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max_length_q,
+            max_length_k=max_length_k,
+            seq_idx=seq_idx,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -387,6 +570,10 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         """
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be >= 1; got {chunk_size}.")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"`input_ids` must have shape (batch, seq) with at least one token; got {tuple(input_ids.shape)}."
+            )
         cache = cache if cache is not None else DynamicCache(config=self.config)
         for chunk in input_ids.split(chunk_size, dim=1):
             out = self(chunk, cache=cache, use_cache=True, logits_to_keep=1)
