@@ -105,7 +105,9 @@ def log_space_scan(log_a, log_b, initial_state=None, reset=None):
     index = torch.arange(batch * seq, device=reset.device)
     position = index - torch.where(flat_starts, index, 0).cummax(0).values  # within its segment
     n_segments, length = int(segment[-1]) + 1, int(position.max()) + 1
-    # Positions past a segment's end hold the identity step (a = 1, b = 0) and are never read back.
+    # Positions past a segment's end hold the identity step (a = 1, b = 0) and are never read back. The decay at a
+    # start multiplies nothing (the segment starts from zero): 0, so that its gradient is exactly 0.
+    log_a = log_a.masked_fill(reset.unsqueeze(-1), 0.0)
     seg_log_a = log_a.new_zeros(n_segments, length, dim).index_put((segment, position), log_a.reshape(-1, dim))
     seg_log_b = log_b.new_full((n_segments, length, dim), float("-inf")).index_put(
         (segment, position), log_b.reshape(-1, dim)
