@@ -286,12 +286,12 @@ def _sequence_starts(
         if cu_seq_lens is None:
             continue
         total = batch_size * seq_len
-        offsets = cu_seq_lens.to(device=device, dtype=torch.long) if isinstance(cu_seq_lens, torch.Tensor) else None
+        is_integer = isinstance(cu_seq_lens, torch.Tensor) and not cu_seq_lens.is_floating_point()
+        offsets = cu_seq_lens.to(device=device, dtype=torch.long) if is_integer else None
         if not is_torchdynamo_compiling() and (
             offsets is None
             or offsets.dim() != 1
             or offsets.numel() < 2
-            or offsets.is_floating_point()
             or int(offsets[0]) != 0
             or int(offsets[-1]) != total
             or bool((offsets.diff() < 0).any())
