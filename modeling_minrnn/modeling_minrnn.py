@@ -558,6 +558,17 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """`GenerationMixin.generate`, with an empty prompt refused in one line (transformers would fail on it with
+        an IndexError before the first forward)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[1] == 0:
+            raise ValueError(
+                f"The prompt has no tokens (shape {tuple(prompt.shape)}); pass at least one token per row (e.g. the "
+                "BOS token)."
+            )
+        return super().generate(inputs, *args, **kwargs)
+
     @torch.no_grad()
     def prefill(
         self, input_ids: torch.LongTensor, chunk_size: int = 65536, cache: Cache | None = None
