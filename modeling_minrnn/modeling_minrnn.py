@@ -251,6 +251,57 @@ def _padding_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len:
     return mask
 
 
+def _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device, check):
+    """Sequence starts `(batch, seq)` from cumulative lengths over the flattened `(batch * seq)` tokens."""
+    total = batch_size * seq_len
+    is_integer = isinstance(cu_seq_lens, torch.Tensor) and not cu_seq_lens.is_floating_point()
+    offsets = cu_seq_lens.to(device=device, dtype=torch.long) if is_integer else None
+    if check and (
+        offsets is None
+        or offsets.dim() != 1
+        or offsets.numel() < 2
+        or int(offsets[0]) != 0
+        or int(offsets[-1]) != total
+        or bool((offsets.diff() < 0).any())
+    ):
+        if isinstance(cu_seq_lens, torch.Tensor):
+            got = cu_seq_lens.tolist() if cu_seq_lens.numel() <= 8 else f"shape {tuple(cu_seq_lens.shape)}"
+        else:
+            got = type(cu_seq_lens).__name__
+        raise ValueError(
+            f"`{name}` must be a 1-D integer tensor of cumulative sequence lengths over the flattened batch: 0, then "
+            f"non-decreasing, ending at batch * seq = {total}; got {got}."
+        )
+    lengths = offsets.diff()
+    if check and max_length is not None and int(max_length) < int(lengths.max()):
+        raise ValueError(
+            f"`{name.replace('cu_seq_lens', 'max_length')}`={int(max_length)} is shorter than the longest sequence in "
+            f"`{name}` ({int(lengths.max())})."
+        )
+    if check and not bool(torch.isin(torch.arange(1, batch_size, device=device) * seq_len, offsets).all()):
+        raise ValueError(
+            f"`{name}` has a sequence that runs from one row into the next; with batch size {batch_size}, each row "
+            f"(of {seq_len} tokens) must start a sequence: include every multiple of {seq_len}."
+        )
+    # Counted, not assigned: an empty sequence repeats an offset, which then still starts the next one.
+    starts = torch.zeros(total + 1, dtype=torch.long, device=device).index_add_(0, offsets[:-1], (lengths > 0).long())
+    return (starts[:total] > 0).view(batch_size, seq_len)
+
+
+def _as_rows(name, tensor, batch_size, seq_len, broadcast):
+    """`tensor` `(batch, seq)`, `(seq,)` or, with `broadcast`, `(1, seq)`, as an integer `(batch, seq)` tensor."""
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    rows = (1, batch_size) if broadcast else (batch_size,)
+    if tensor.dim() != 2 or tensor.shape[1] != seq_len or tensor.shape[0] not in rows or tensor.is_floating_point():
+        also = " (or (1, seq))" if broadcast else ""
+        raise ValueError(
+            f"`{name}` must be an integer tensor of shape (batch, seq) = {(batch_size, seq_len)}{also}; got "
+            f"{tensor.dtype} {tuple(tensor.shape)}."
+        )
+    return tensor.expand(batch_size, seq_len)
+
+
 def _sequence_starts(
     batch_size: int,
     seq_len: int,
@@ -266,85 +317,38 @@ def _sequence_starts(
     """The `(batch, seq)` bool mask of packed-sequence starts (where the state and conv window restart), or None.
 
     Packing collators (transformers' `DataCollatorWithFlattening`, TRL's padding-free packing) mark where each
-    sequence starts in any of three ways; every one given is read and they must agree:
-    `position_ids` restart at 0; `cu_seq_lens_q/k` hold the start offsets in the flattened `(batch * seq)` tokens,
-    then the total; `seq_idx` changes value. A row's first real token of the call is never a start: the state carried
-    into the call (zeros, or the cache's) continues there, because `generate` numbers a continuation's first token
-    0 too. Padding is never a start (it leaves the state untouched).
+    sequence starts in any of three ways; every one given is read and they must agree: `position_ids` restart at 0;
+    `cu_seq_lens_q/k` hold the start offsets in the flattened `(batch * seq)` tokens, then the total; `seq_idx`
+    changes value. A row's first real token of the call is never a start: the state carried into the call (zeros,
+    or the cache's) continues there, because `generate` numbers a continuation's first token 0 too. Padding is never
+    a start (it leaves the state untouched).
     """
+    check = not is_torchdynamo_compiling()
     derived = {}
     if position_ids is not None:
-        if position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
-        if position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch_size):
-            raise ValueError(
-                f"`position_ids` must have shape (batch, seq) = {(batch_size, seq_len)} (or (1, seq)); got "
-                f"{tuple(position_ids.shape)}."
-            )
-        derived["position_ids"] = (position_ids == 0).expand(batch_size, seq_len)
-    for name, cu_seq_lens in (("cu_seq_lens_q", cu_seq_lens_q), ("cu_seq_lens_k", cu_seq_lens_k)):
-        if cu_seq_lens is None:
-            continue
-        total = batch_size * seq_len
-        is_integer = isinstance(cu_seq_lens, torch.Tensor) and not cu_seq_lens.is_floating_point()
-        offsets = cu_seq_lens.to(device=device, dtype=torch.long) if is_integer else None
-        if not is_torchdynamo_compiling() and (
-            offsets is None
-            or offsets.dim() != 1
-            or offsets.numel() < 2
-            or int(offsets[0]) != 0
-            or int(offsets[-1]) != total
-            or bool((offsets.diff() < 0).any())
-        ):
-            got = cu_seq_lens.tolist() if isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.numel() <= 8 else (
-                tuple(cu_seq_lens.shape) if isinstance(cu_seq_lens, torch.Tensor) else type(cu_seq_lens).__name__
-            )
-            raise ValueError(
-                f"`{name}` must be a 1-D integer tensor of cumulative sequence lengths over the flattened batch: "
-                f"0, then non-decreasing, ending at batch * seq = {total}; got {got}."
-            )
-        lengths = offsets.diff()
-        max_length = max_length_q if name == "cu_seq_lens_q" else max_length_k
-        if not is_torchdynamo_compiling() and max_length is not None and int(max_length) < int(lengths.max()):
-            raise ValueError(
-                f"`{'max_length_q' if name == 'cu_seq_lens_q' else 'max_length_k'}`={int(max_length)} is shorter "
-                f"than the longest sequence in `{name}` ({int(lengths.max())})."
-            )
-        row_starts = torch.arange(1, batch_size, device=device) * seq_len
-        if not is_torchdynamo_compiling() and not bool(torch.isin(row_starts, offsets).all()):
-            raise ValueError(
-                f"`{name}` has a sequence that runs from one row into the next; with batch size {batch_size}, each "
-                f"row (of {seq_len} tokens) must start a sequence: include every multiple of {seq_len}."
-            )
-        # Counted, not assigned: an empty sequence repeats an offset, which then still starts the next one.
-        starts = torch.zeros(total + 1, dtype=torch.long, device=device).index_add_(0, offsets[:-1], (lengths > 0).long())
-        derived[name] = (starts[:total] > 0).view(batch_size, seq_len)
+        derived["position_ids"] = _as_rows("position_ids", position_ids, batch_size, seq_len, broadcast=True) == 0
+    for name, cu_seq_lens, max_length in (
+        ("cu_seq_lens_q", cu_seq_lens_q, max_length_q),
+        ("cu_seq_lens_k", cu_seq_lens_k, max_length_k),
+    ):
+        if cu_seq_lens is not None:
+            derived[name] = _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device, check)
     if seq_idx is not None:
-        if seq_idx.dim() == 1:
-            seq_idx = seq_idx.unsqueeze(0)
-        if seq_idx.dim() != 2 or seq_idx.shape != (batch_size, seq_len) or seq_idx.is_floating_point():
-            raise ValueError(
-                f"`seq_idx` must be an integer tensor of shape (batch, seq) = {(batch_size, seq_len)}; got "
-                f"{seq_idx.dtype} {tuple(seq_idx.shape)}."
-            )
-        seq_idx = seq_idx.to(device)
-        starts = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
-        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-        derived["seq_idx"] = starts
-    if not derived:
+        seq_idx = _as_rows("seq_idx", seq_idx, batch_size, seq_len, broadcast=False)
+        derived["seq_idx"] = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
+    if not derived or seq_len == 1:  # one token is its row's first: never a start (decoding steps pay nothing)
         return None
 
-    # Only real tokens after the row's first real token of this call (see above).
     real = padding_mask if padding_mask is not None else torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
     eligible = real & (real.cumsum(dim=1) > 1)
     (first_name, reset), *others = [(name, starts.to(device) & eligible) for name, starts in derived.items()]
     for name, other in others:
-        if not is_torchdynamo_compiling() and not torch.equal(other, reset):
+        if check and not torch.equal(other, reset):
             raise ValueError(
-                f"`{first_name}` and `{name}` mark different sequence starts; pass consistent packing inputs "
-                "(e.g. all from one collator) or only one of them."
+                f"`{first_name}` and `{name}` mark different sequence starts; pass consistent packing inputs (e.g. "
+                "all from one collator) or only one of them."
             )
-    if not is_torchdynamo_compiling() and not bool(reset.any()):
+    if check and not bool(reset.any()):
         return None
     return reset
 

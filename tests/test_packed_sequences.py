@@ -153,7 +153,7 @@ def test_generate_with_packing_aware_forward_matches_plain_greedy():
 @pytest.mark.parametrize(
     "inputs,message",
     [
-        ({"position_ids": torch.zeros(2, 10, dtype=torch.long)}, r"position_ids.*\(1, 10\)"),
+        ({"position_ids": torch.zeros(2, 10, dtype=torch.long)}, r"position_ids.*\(1, seq\)"),
         ({"cu_seq_lens_q": torch.tensor([0, 4, 12])}, r"cu_seq_lens_q.*ending at batch \* seq = 10"),
         ({"cu_seq_lens_k": torch.tensor([1, 4, 10])}, "cu_seq_lens_k"),
         ({"cu_seq_lens_q": torch.tensor([0, 6, 4, 10])}, "non-decreasing"),
