@@ -95,14 +95,8 @@ class MinRNNMixer(nn.Module):
             time = torch.arange(seq_len, device=x.device)
             since_start = time - torch.where(reset, time, -self.conv_kernel).cummax(dim=1).values
         if cache is not None:
-            new = x
-            if reset is not None:
-                # The cached window continues the row's last sequence: nothing before its start is kept.
-                last_start = torch.where(reset, time, -1).amax(dim=1, keepdim=True)
-                new = x.masked_fill((time < last_start).unsqueeze(1), 0.0)
-            # Returns the cached window followed by `new` (or `new` alone on the first call) and keeps the newest.
-            window = cache.update_conv_state(new, self.layer_idx, conv_kernel_size=self.conv_kernel)
-            x = window if reset is None else torch.cat([window[..., : window.shape[-1] - seq_len], x], dim=-1)
+            # Returns the cached window followed by `x` (or `x` alone on the first call) and keeps the newest inputs.
+            x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel)
         total = x.shape[-1]
         if reset is not None:
             # Tap by tap (conv_kernel is small): the tap `lag` steps back counts only within the same sequence.
@@ -114,6 +108,13 @@ class MinRNNMixer(nn.Module):
                 tap = x[..., total - seq_len - lag : total - lag]
                 tap = torch.where((lag <= since_start).unsqueeze(1), tap, 0.0)
                 out = out + weight[:, self.conv_kernel - 1 - lag, None] * tap
+            if cache is not None:
+                # The kept window continues the row's last sequence: inputs before its start (the previous
+                # sequences', and the older cached ones) must not reach the next call.
+                kept = cache.get_conv_state(self.layer_idx)[..., -self.conv_kernel :]
+                call_position = torch.arange(seq_len - self.conv_kernel, seq_len, device=x.device)
+                last_start = torch.where(reset, time, -1).amax(dim=1, keepdim=True)
+                kept.masked_fill_((call_position < last_start).unsqueeze(1), 0.0)
             return out.transpose(1, 2)
         if seq_len == 1 and total >= self.conv_kernel:
             # One decoding step is a dot product over the window; a conv1d call costs ~5x more at batch 1.

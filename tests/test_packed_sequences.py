@@ -9,7 +9,19 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import tiny_model
+from conftest import tiny_model as identity_conv_model
+
+
+def tiny_model(seed=0, **overrides):
+    """`conftest.tiny_model` with random conv taps: the init's identity conv reads only the current token, so a conv
+    window reaching across a sequence start would go unnoticed."""
+    model = identity_conv_model(seed, **overrides)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for block in model.model.layers:
+            if block.mixer.conv_kernel > 0:
+                block.mixer.conv1d.weight.copy_(torch.randn(block.mixer.conv1d.weight.shape, generator=generator) * 0.5)
+    return model
 
 
 CELLS_AND_CONVS = [("mingru", 4), ("mingru", 0), ("minlstm", 4), ("minlstm", 0)]
@@ -104,14 +116,19 @@ def test_batch_of_packed_rows_with_cu_seq_lens_over_the_flattened_batch():
 
 
 @pytest.mark.parametrize("conv_kernel", [4, 0])
-def test_continuing_the_last_packed_sequence_through_the_cache(conv_kernel):
-    """After a packed prefill, the cache holds the last sequence's state and conv window only."""
+@pytest.mark.parametrize("lengths", [[5, 7, 2], [5, 1, 1]], ids=["packed_prefill", "two_token_call"])
+def test_continuing_the_last_packed_sequence_through_the_cache(conv_kernel, lengths):
+    """After a packed call, the cache holds the last sequence's state and conv window only, also when that call is
+    shorter than the conv window (the older cached inputs are dropped too)."""
     model = tiny_model(conv_kernel=conv_kernel)
-    sequences, ids, inputs = packed_row([5, 7, 2], seed=4)  # the last sequence is shorter than the conv window
+    sequences, ids, inputs = packed_row(lengths, seed=4)  # the last sequence is shorter than the conv window
     more = torch.randint(3, 48, (1, 3), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        first = model(ids, position_ids=inputs["position_ids"], use_cache=True)
-        continued = model(more, cache=first.cache, use_cache=True).logits
+        cache = model(ids[:, : lengths[0]], use_cache=True).cache
+        rest = slice(lengths[0], None)
+        model(ids[:, rest], cache=cache, position_ids=inputs["position_ids"][:, rest],
+              use_cache=True)
+        continued = model(more, cache=cache, use_cache=True).logits
         alone = model(torch.cat([sequences[-1][None], more], 1)).logits[:, -3:]
     torch.testing.assert_close(continued, alone, rtol=1e-5, atol=1e-5)
 
