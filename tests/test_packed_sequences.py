@@ -167,6 +167,21 @@ def test_generate_with_packing_aware_forward_matches_plain_greedy():
     assert torch.equal(with_cache[0, 6:], alone[0, 4:])
 
 
+def test_torch_compile_traces_the_packed_forward_in_one_graph():
+    from modeling_minrnn.scan import resolve_backend
+
+    model = tiny_model().train()
+    sequences, ids, inputs = packed_row(seed=9)
+    resolve_backend(None, ids)  # builds the native kernel outside the trace
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(ids, labels=labels_like_the_collator(sequences), **inputs)
+    expected = model(ids, labels=labels_like_the_collator(sequences), position_ids=inputs["position_ids"])
+    torch.testing.assert_close(out.logits, expected.logits)
+    for got, want in zip(torch.autograd.grad(out.loss, list(model.parameters())),
+                         torch.autograd.grad(expected.loss, list(model.parameters()))):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize(
     "inputs,message",
     [
