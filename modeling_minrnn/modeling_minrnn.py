@@ -99,15 +99,17 @@ class MinRNNMixer(nn.Module):
             x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel)
         total = x.shape[-1]
         if reset is not None:
-            # Tap by tap (conv_kernel is small): the tap `lag` steps back counts only within the same sequence.
-            x = F.pad(x, (max(0, self.conv_kernel - 1 + seq_len - total), 0))
-            total = x.shape[-1]
-            weight = self.conv1d.weight.squeeze(1)  # (hidden, conv_kernel); the last tap is the current token
-            out = self.conv1d.bias.unsqueeze(-1).expand(-1, seq_len)
+            # Tap by tap (conv_kernel is small), in the (batch, time, hidden) layout where each tap is contiguous:
+            # the tap `lag` steps back counts only within the same sequence.
+            x = F.pad(x.transpose(1, 2), (0, 0, max(0, self.conv_kernel - 1 + seq_len - total), 0))
+            total = x.shape[1]
+            weight = self.conv1d.weight.squeeze(1).t()  # (conv_kernel, hidden); the last tap is the current token
+            out = self.conv1d.bias
             for lag in range(self.conv_kernel):
-                tap = x[..., total - seq_len - lag : total - lag]
-                tap = torch.where((lag <= since_start).unsqueeze(1), tap, 0.0)
-                out = out + weight[:, self.conv_kernel - 1 - lag, None] * tap
+                tap = x[:, total - seq_len - lag : total - lag]
+                if lag > 0:
+                    tap = tap.masked_fill((lag > since_start).unsqueeze(-1), 0.0)
+                out = torch.addcmul(out, tap, weight[self.conv_kernel - 1 - lag])
             if cache is not None:
                 # The kept window continues the row's last sequence: inputs before its start (the previous
                 # sequences', and the older cached ones) must not reach the next call.
@@ -115,7 +117,7 @@ class MinRNNMixer(nn.Module):
                 call_position = torch.arange(seq_len - self.conv_kernel, seq_len, device=x.device)
                 last_start = torch.where(reset, time, -1).amax(dim=1, keepdim=True)
                 kept.masked_fill_((call_position < last_start).unsqueeze(1), 0.0)
-            return out.transpose(1, 2)
+            return out
         if seq_len == 1 and total >= self.conv_kernel:
             # One decoding step is a dot product over the window; a conv1d call costs ~5x more at batch 1.
             window = x[..., total - self.conv_kernel :]
