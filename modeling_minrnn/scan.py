@@ -80,6 +80,9 @@ def sequential_scan(log_a, log_b, initial_state=None, reset=None):
 
 
 def _log_space_core(log_a, log_b, initial_state):
+    # Padding's -inf becomes the most negative finite number: exp still gives exactly 0, and where the running
+    # logcumsumexp is still -inf (left padding) its backward gives 0 instead of NaN (-inf - -inf).
+    log_b = log_b.clamp(min=torch.finfo(log_b.dtype).min)
     a_star = log_a.cumsum(dim=1)
     h = (a_star + torch.logcumsumexp(log_b - a_star, dim=1)).exp()
     if initial_state is not None:

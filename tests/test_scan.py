@@ -72,6 +72,7 @@ def test_chunked_gradcheck_float64():
 def test_padding_positions_leave_state_untouched():
     log_a, log_b = random_gates(1, 9, 4, seed=3)
     log_a[:, 4:6], log_b[:, 4:6] = 0.0, float("-inf")
+    log_a[:, :2], log_b[:, :2] = 0.0, float("-inf")  # left padding too: nothing before it to add to
     for name, fn in {"sequential": sequential_scan, **BACKENDS}.items():
         log_a_, log_b_ = log_a.clone().requires_grad_(), log_b.clone().requires_grad_()
         h = fn(log_a_, log_b_)
@@ -79,6 +80,9 @@ def test_padding_positions_leave_state_untouched():
         torch.testing.assert_close(h[:, 5], h[:, 3], msg=name)
         h.sum().backward()
         assert torch.isfinite(log_a_.grad).all() and (log_b_.grad[:, 4:6] == 0).all(), name
+        # The decay at left padding multiplies a zero state: no gradient (up to log-space rounding, never NaN).
+        assert (h[:, :2] == 0).all() and (log_b_.grad[:, :2] == 0).all(), name
+        assert log_a_.grad[:, :2].abs().max() < 1e-5, name
 
 
 def test_bf16_inputs_compute_in_fp32():
