@@ -86,14 +86,43 @@ class MinRNNMixer(nn.Module):
             # As in the paper: without expansion the cell's state is the output, with no projection back.
             self.out_proj = nn.Identity()
 
-    def causal_conv(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs."""
+    def causal_conv(self, x: torch.Tensor, cache: Cache | None, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs.
+
+        `reset` `(batch, seq)` bool marks sequence starts: a tap that would read a token before the start of its
+        own sequence reads zero, as if the sequence ran alone.
+        """
         seq_len = x.shape[1]
         x = x.transpose(1, 2)
+        if reset is not None:
+            # Distance of each token from its sequence's start (>= conv_kernel before the first start, where the
+            # whole window, cached inputs included, belongs to the sequence carried in).
+            time = torch.arange(seq_len, device=x.device)
+            since_start = time - torch.where(reset, time, -self.conv_kernel).cummax(dim=1).values
         if cache is not None:
             # Returns the cached window followed by `x` (or `x` alone on the first call) and keeps the newest inputs.
             x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel)
         total = x.shape[-1]
+        if reset is not None:
+            # Tap by tap (conv_kernel is small), in the (batch, time, hidden) layout where each tap is contiguous:
+            # the tap `lag` steps back counts only within the same sequence.
+            x = F.pad(x.transpose(1, 2), (0, 0, max(0, self.conv_kernel - 1 + seq_len - total), 0))
+            total = x.shape[1]
+            weight = self.conv1d.weight.squeeze(1).t()  # (conv_kernel, hidden); the last tap is the current token
+            out = self.conv1d.bias
+            for lag in range(self.conv_kernel):
+                tap = x[:, total - seq_len - lag : total - lag]
+                if lag > 0:
+                    tap = tap.masked_fill((lag > since_start).unsqueeze(-1), 0.0)
+                out = torch.addcmul(out, tap, weight[self.conv_kernel - 1 - lag])
+            if cache is not None:
+                # The kept window continues the row's last sequence: inputs before its start (the previous
+                # sequences', and the older cached ones) must not reach the next call.
+                kept = cache.get_conv_state(self.layer_idx)[..., -self.conv_kernel :]
+                call_position = torch.arange(seq_len - self.conv_kernel, seq_len, device=x.device)
+                last_start = torch.where(reset, time, -1).amax(dim=1, keepdim=True)
+                kept.masked_fill_((call_position < last_start).unsqueeze(1), 0.0)
+            return out
         if seq_len == 1 and total >= self.conv_kernel:
             # One decoding step is a dot product over the window; a conv1d call costs ~5x more at batch 1.
             window = x[..., total - self.conv_kernel :]
@@ -101,18 +130,24 @@ class MinRNNMixer(nn.Module):
         return self.conv1d(x)[..., total - seq_len : total].transpose(1, 2)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        reset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)` bool, True = real token."""
+        """`hidden_states` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)` bool, True = real token; `reset`
+        `(batch, seq)` bool, True where a new sequence starts (state and conv window restart there)."""
         initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         if padding_mask is not None:
-            hidden_states = hidden_states * padding_mask.unsqueeze(-1).to(hidden_states.dtype)
-        x = self.causal_conv(hidden_states, cache) if self.conv_kernel > 0 else hidden_states
+            # Select, never multiply: NaN or inf at a padded position times 0 is NaN, and would reach the state.
+            hidden_states = hidden_states.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+        x = self.causal_conv(hidden_states, cache, reset) if self.conv_kernel > 0 else hidden_states
 
         projections = self.in_proj(x)
         if resolve_backend(self.scan_backend, projections) == "cpu":
             # The native kernel computes the same gates inside the scan: a third of the memory traffic.
-            states = cpu_cell_scan(self.cell_type, projections, padding_mask, initial_state)
+            states = cpu_cell_scan(self.cell_type, projections, padding_mask, initial_state, reset)
         else:
             # Gates in fp32 whatever the weights' dtype: the state accumulates over the whole sequence.
             log_a, log_b = self.log_gates(*projections.float().chunk(self.n_gates, dim=-1))
@@ -121,7 +156,7 @@ class MinRNNMixer(nn.Module):
                 keep = padding_mask.unsqueeze(-1)
                 log_a = log_a.masked_fill(~keep, 0.0)
                 log_b = log_b.masked_fill(~keep, float("-inf"))
-            states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend)
+            states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend, reset=reset)
 
         if cache is not None:
             cache.update_recurrent_state(states[:, -1], self.layer_idx, all_states=states)
@@ -157,9 +192,13 @@ class MinRNNBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        reset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.dropout(self.mixer(self.norm(hidden_states), padding_mask, cache))
+        hidden_states = hidden_states + self.dropout(self.mixer(self.norm(hidden_states), padding_mask, cache, reset))
         if self.mlp is not None:
             hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states
@@ -205,10 +244,121 @@ def _padding_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len:
             f"`attention_mask` must have shape (batch, seq) = {(batch_size, seq_len)} (or cover the cached tokens "
             f"too when a cache is passed); got {tuple(attention_mask.shape)}."
         )
-    mask = attention_mask[:, attention_mask.shape[1] - seq_len :].bool()
+    mask = attention_mask[:, attention_mask.shape[1] - seq_len :]
+    if not is_torchdynamo_compiling() and mask.dtype != torch.bool:
+        bad = mask[(mask != 0) & (mask != 1)]
+        if bad.numel():
+            raise ValueError(
+                f"`attention_mask` must hold only 0 (padding) and 1 (real token), or be bool; got "
+                f"{sorted(set(bad.unique()[:5].tolist()))}. An additive mask (0 / -inf) is not accepted: pass the "
+                "tokenizer's 0/1 mask."
+            )
+    mask = mask.bool()
     if not is_torchdynamo_compiling() and bool(mask.all()):
         return None
     return mask
+
+
+def _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device, check):
+    """Sequence starts `(batch, seq)` from cumulative lengths over the flattened `(batch * seq)` tokens."""
+    total = batch_size * seq_len
+    is_integer = isinstance(cu_seq_lens, torch.Tensor) and not cu_seq_lens.is_floating_point()
+    offsets = cu_seq_lens.to(device=device, dtype=torch.long) if is_integer else None
+    if check and (
+        offsets is None
+        or offsets.dim() != 1
+        or offsets.numel() < 2
+        or int(offsets[0]) != 0
+        or int(offsets[-1]) != total
+        or bool((offsets.diff() < 0).any())
+    ):
+        if isinstance(cu_seq_lens, torch.Tensor):
+            got = cu_seq_lens.tolist() if cu_seq_lens.numel() <= 8 else f"shape {tuple(cu_seq_lens.shape)}"
+        else:
+            got = type(cu_seq_lens).__name__
+        raise ValueError(
+            f"`{name}` must be a 1-D integer tensor of cumulative sequence lengths over the flattened batch: 0, then "
+            f"non-decreasing, ending at batch * seq = {total}; got {got}."
+        )
+    lengths = offsets.diff()
+    if check and max_length is not None and int(max_length) < int(lengths.max()):
+        raise ValueError(
+            f"`{name.replace('cu_seq_lens', 'max_length')}`={int(max_length)} is shorter than the longest sequence in "
+            f"`{name}` ({int(lengths.max())})."
+        )
+    if check and not bool(torch.isin(torch.arange(1, batch_size, device=device) * seq_len, offsets).all()):
+        raise ValueError(
+            f"`{name}` has a sequence that runs from one row into the next; with batch size {batch_size}, each row "
+            f"(of {seq_len} tokens) must start a sequence: include every multiple of {seq_len}."
+        )
+    # Counted, not assigned: an empty sequence repeats an offset, which then still starts the next one.
+    starts = torch.zeros(total + 1, dtype=torch.long, device=device).index_add_(0, offsets[:-1], (lengths > 0).long())
+    return (starts[:total] > 0).view(batch_size, seq_len)
+
+
+def _as_rows(name, tensor, batch_size, seq_len, broadcast):
+    """`tensor` `(batch, seq)`, `(seq,)` or, with `broadcast`, `(1, seq)`, as an integer `(batch, seq)` tensor."""
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    rows = (1, batch_size) if broadcast else (batch_size,)
+    if tensor.dim() != 2 or tensor.shape[1] != seq_len or tensor.shape[0] not in rows or tensor.is_floating_point():
+        also = " (or (1, seq))" if broadcast else ""
+        raise ValueError(
+            f"`{name}` must be an integer tensor of shape (batch, seq) = {(batch_size, seq_len)}{also}; got "
+            f"{tensor.dtype} {tuple(tensor.shape)}."
+        )
+    return tensor.expand(batch_size, seq_len)
+
+
+def _sequence_starts(
+    batch_size: int,
+    seq_len: int,
+    padding_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cu_seq_lens_q: torch.Tensor | None,
+    cu_seq_lens_k: torch.Tensor | None,
+    max_length_q: int | None,
+    max_length_k: int | None,
+    seq_idx: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The `(batch, seq)` bool mask of packed-sequence starts (where the state and conv window restart), or None.
+
+    Packing collators (transformers' `DataCollatorWithFlattening`, TRL's padding-free packing) mark where each
+    sequence starts in any of three ways; every one given is read and they must agree: `position_ids` restart at 0;
+    `cu_seq_lens_q/k` hold the start offsets in the flattened `(batch * seq)` tokens, then the total; `seq_idx`
+    changes value. A row's first real token of the call is never a start: the state carried into the call (zeros,
+    or the cache's) continues there, because `generate` numbers a continuation's first token 0 too. Padding is never
+    a start (it leaves the state untouched).
+    """
+    check = not is_torchdynamo_compiling()
+    derived = {}
+    if position_ids is not None:
+        derived["position_ids"] = _as_rows("position_ids", position_ids, batch_size, seq_len, broadcast=True) == 0
+    for name, cu_seq_lens, max_length in (
+        ("cu_seq_lens_q", cu_seq_lens_q, max_length_q),
+        ("cu_seq_lens_k", cu_seq_lens_k, max_length_k),
+    ):
+        if cu_seq_lens is not None:
+            derived[name] = _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device, check)
+    if seq_idx is not None:
+        seq_idx = _as_rows("seq_idx", seq_idx, batch_size, seq_len, broadcast=False)
+        derived["seq_idx"] = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
+    if not derived or seq_len == 1:  # one token is its row's first: never a start (decoding steps pay nothing)
+        return None
+
+    real = padding_mask if padding_mask is not None else torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+    eligible = real & (real.cumsum(dim=1) > 1)
+    (first_name, reset), *others = [(name, starts.to(device) & eligible) for name, starts in derived.items()]
+    for name, other in others:
+        if check and not torch.equal(other, reset):
+            raise ValueError(
+                f"`{first_name}` and `{name}` mark different sequence starts; pass consistent packing inputs (e.g. "
+                "all from one collator) or only one of them."
+            )
+    if check and not bool(reset.any()):
+        return None
+    return reset
 
 
 def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
@@ -255,11 +405,18 @@ class MinRNNModel(MinRNNPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; give these or `inputs_embeds`.
-        attention_mask (`(batch, seq)`): 1 for real tokens, 0 for padding; padding leaves the state untouched.
+        attention_mask (`(batch, seq)`): 1 for real tokens, 0 for padding (or bool); padding leaves the state
+            untouched, whatever its embeddings hold.
         inputs_embeds (`(batch, seq, hidden)`): embeddings to use instead of `input_ids`.
         cache (`Cache`): the recurrent state of earlier tokens (a `MinRNNCache(config)`, a
             `DynamicCache(config=...)` or one returned by an earlier call); updated in place with the state after
@@ -267,6 +424,14 @@ class MinRNNModel(MinRNNPreTrainedModel):
         use_cache (`bool`): create a cache when none is given, and return it.
         output_hidden_states (`bool`): also return the input of every block and the final output (recorded by
             transformers' `capture_outputs`); `return_dict=False` returns a tuple.
+        position_ids (`(batch, seq)` or `(1, seq)`): packed sequences (`DataCollatorWithFlattening`, TRL packing):
+            a position 0 after the row's first real token starts a new sequence, where the state and the conv window
+            restart. Ordinary positions (0..seq-1, offsets after a cache, left padding) start nothing.
+        cu_seq_lens_q / cu_seq_lens_k (`(num_sequences + 1,)`): packed sequences as cumulative lengths over the
+            flattened `(batch * seq)` tokens, as the varlen attention kernels take them. `max_length_q/k`: their
+            longest sequence (checked, not needed).
+        seq_idx (`(batch, seq)` int): packed sequences as the index of the sequence each token belongs to.
+            Whichever packing inputs are given must agree; see `_sequence_starts`.
         """
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
 
@@ -289,6 +454,10 @@ class MinRNNModel(MinRNNPreTrainedModel):
                 f"got {tuple(inputs_embeds.shape)}."
             )
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            raise ValueError(
+                f"The input has no tokens (shape {(batch_size, 0)}); pass at least one token per row."
+            )
 
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
@@ -299,10 +468,18 @@ class MinRNNModel(MinRNNPreTrainedModel):
             _check_cache(cache, self.config, batch_size)
         has_state = cache is not None and cache.layers[0].has_previous_state[0]
         padding_mask = _padding_mask(attention_mask, batch_size, seq_len, has_state)
+        if padding_mask is not None:
+            # Whatever a padded position's embedding holds (NaN, inf) stays out of every later computation, its
+            # gradients included: each block only ever sees zeros there.
+            inputs_embeds = inputs_embeds.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+        reset = _sequence_starts(
+            batch_size, seq_len, padding_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            seq_idx, inputs_embeds.device,
+        )
 
         hidden_states = self.dropout(inputs_embeds)
         for block in self.layers:
-            hidden_states = block(hidden_states, padding_mask, cache)
+            hidden_states = block(hidden_states, padding_mask, cache, reset)
         hidden_states = self.norm_f(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
@@ -334,6 +511,12 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -342,7 +525,8 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             the loss over gradient-accumulation steps.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (or these indices).
 
-        Other arguments (`output_hidden_states` among them) as in `MinRNNModel.forward`.
+        Other arguments (`output_hidden_states` and the packing inputs `position_ids`, `cu_seq_lens_q/k`,
+        `max_length_q/k`, `seq_idx` among them) as in `MinRNNModel.forward`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -351,6 +535,12 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             return_dict=True,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max_length_q,
+            max_length_k=max_length_k,
+            seq_idx=seq_idx,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -362,6 +552,17 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """`GenerationMixin.generate`, with an empty prompt refused in one line (transformers would fail on it with
+        an IndexError before the first forward)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[1] == 0:
+            raise ValueError(
+                f"The prompt has no tokens (shape {tuple(prompt.shape)}); pass at least one token per row (e.g. the "
+                "BOS token)."
+            )
+        return super().generate(inputs, *args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() builds a plain `DynamicCache`; use a `MinRNNCache` instead, which holds the same states and
@@ -410,6 +611,10 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         """
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be >= 1; got {chunk_size}.")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"`input_ids` must have shape (batch, seq) with at least one token; got {tuple(input_ids.shape)}."
+            )
         cache = cache if cache is not None else MinRNNCache(self.config)
         for chunk in input_ids.split(chunk_size, dim=1):
             out = self(chunk, cache=cache, use_cache=True, logits_to_keep=1)

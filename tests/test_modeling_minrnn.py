@@ -288,6 +288,41 @@ def test_bad_inputs_get_clear_errors():
         model(ids[:1], cache=model(ids, use_cache=True).cache)
 
 
+def test_empty_sequence_gets_one_clear_error():
+    model = tiny_model()
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    for call in (
+        lambda: model(empty),
+        lambda: model(inputs_embeds=torch.zeros(2, 0, 32)),
+        lambda: model.generate(empty, max_new_tokens=3),
+        lambda: model.prefill(empty),
+    ):
+        with pytest.raises(ValueError, match=r"no tokens|at least one token"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "values", [[0.5, 1.0, 1.0], [-1, 1, 1], [0.0, float("-inf"), 0.0], [2, 1, 1]], ids=["half", "minus_one", "additive", "two"]
+)
+def test_attention_mask_other_than_0_and_1_is_refused(values):
+    model = tiny_model()
+    ids = torch.randint(3, 48, (1, 3))
+    with pytest.raises(ValueError, match=r"`attention_mask` must hold only 0 \(padding\) and 1 \(real token\)"):
+        model(ids, attention_mask=torch.tensor([values]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(ids, attention_mask=torch.tensor([values]), max_new_tokens=2)
+
+
+def test_attention_mask_as_bool_int_or_float_0_1_is_the_same():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        for as_type in (torch.bool, torch.float32, torch.int32):
+            torch.testing.assert_close(model(ids, attention_mask=mask.to(as_type)).logits, expected, rtol=0, atol=0)
+
+
 def test_layer_parity_at_65536_tokens():
     """A small layer over 65,536 tokens: the default scan equals the step-by-step definition."""
     model = tiny_model(hidden_size=8, intermediate_size=0, num_hidden_layers=1, expansion_factor=1.0, vocab_size=16)
