@@ -139,6 +139,10 @@ class MinRNNMixer(nn.Module):
         """`hidden_states` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)` bool, True = real token; `reset`
         `(batch, seq)` bool, True where a new sequence starts (state and conv window restart there)."""
         initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        if initial_state is not None and torch.is_grad_enabled():
+            # The cache overwrites its state in place after the scan (transformers keeps a static address), but the
+            # scan's backward still needs the state it started from: training through a cache (carried state).
+            initial_state = initial_state.clone()
         if padding_mask is not None:
             # Select, never multiply: NaN or inf at a padded position times 0 is NaN, and would reach the state.
             hidden_states = hidden_states.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
