@@ -5,6 +5,7 @@
         --dataset ../shared/data/tinyshakespeare.txt --max-steps 2000
     accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --batch-size 8   # 2 gloo processes on a CPU machine
     accelerate launch scripts/pretrain.py --output-dir out/tiny --resume   # continue after a crash
+    accelerate launch scripts/pretrain.py --carry-state        # each row reads its own stream; state carried over
 
 Settings come from a recipe (`--config`, default `configs/tiny.yaml`) overridden by
 `--key value` options (`--max-steps 50 --lr 1e-3`); `--help` lists every key.
@@ -77,6 +78,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # Carried state (truncated BPTT, scripts/state_streams.py): every row of every micro-step of every process reads
+    # its own contiguous part of the corpus, and each block starts from the detached final state of the row's
+    # previous block. state_reset: "eos" restarts the state at every EOS token (documents stay apart), "none"
+    # carries it through them.
+    carry_state: bool = False
+    state_reset: str = "eos"
     mixed_precision: str | None = None  # None: what `accelerate launch` was given; else no/fp16/bf16
     seed: int = 0
     # Evaluation and samples.
@@ -219,6 +226,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"log_with={config.log_with!r} must be 'tensorboard' or 'none'")
     if config.streaming and not config.dataset:
         raise ConfigError("streaming=true needs --dataset (the embedded corpus is read in memory)")
+    if config.state_reset not in ("eos", "none"):
+        raise ConfigError(f"state_reset={config.state_reset!r} must be 'eos' or 'none'")
+    if config.carry_state and config.streaming:
+        raise ConfigError("carry_state=true needs an in-memory corpus (streaming=false): each row reads its own part of it")
     if config.sample_tokens < 0 or config.sample_temperature <= 0 or config.sample_top_k < 0:
         raise ConfigError("sample_tokens and sample_top_k must be >= 0 and sample_temperature > 0")
 
@@ -267,6 +278,7 @@ def prepare_tokenizer(config: TrainConfig, splits, accelerator, checkpoint: Path
 
 def prepare_data(config: TrainConfig, splits, tokenizer, accelerator, vocab_size: int):
     """Training batches for this process and its validation blocks."""
+    from state_streams import TokenStreams
     from text_data import PackedBlocks, StreamedBlocks, tokenize_documents, validation_blocks
 
     eos = tokenizer.eos_token_id
@@ -284,7 +296,12 @@ def prepare_data(config: TrainConfig, splits, tokenizer, accelerator, vocab_size
         train_tokens = None
     else:
         tokens = tokenize_documents(splits.train, tokenizer, eos)
-        train = PackedBlocks(tokens, config.block_size, config.seed)
+        if config.carry_state:
+            # One stream per row of the global batch; micro-step m of process p reads streams
+            # [(m * processes + p) * batch_size, ... + batch_size), so the layout is that of one big batch.
+            train = TokenStreams(tokens, config.batch_size * world * config.gradient_accumulation_steps, config.block_size)
+        else:
+            train = PackedBlocks(tokens, config.block_size, config.seed)
         train_tokens = len(tokens)
         if int(tokens.max()) >= vocab_size:
             raise ConfigError(f"the tokenizer produced id {int(tokens.max())}, outside the model's vocab_size={vocab_size}")
@@ -320,7 +337,7 @@ def _fsync(*paths: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: dict, train_data) -> Path:
+def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: dict, train_data, carried=None) -> Path:
     """Write `checkpoints/step-N` atomically: fill a temporary folder, fsync it, mark it complete, rename it.
 
     A crash at any point leaves either no `step-N` or a complete one; `--resume` ignores the rest.
@@ -334,6 +351,10 @@ def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: d
     accelerator.save_state(str(tmp))
     if hasattr(train_data, "state_dict"):
         (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(train_data.state_dict()))
+    if carried is not None:
+        import torch
+
+        torch.save(carried.state_dict(), tmp / f"carried_state_rank{accelerator.process_index}.pt")
     export_pretrained(accelerator, model, tokenizer, tmp / "pretrained")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -468,6 +489,7 @@ def train(config: TrainConfig, resume: bool) -> dict:
 
     import modeling_minrnn  # noqa: F401  (registers "minrnn" with the Auto classes and for remote code)
     from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
+    from state_streams import CarriedState
     from text_data import load_text_splits
 
     disable_progress_bar()  # save_pretrained's own bars would break the training bar's line
@@ -539,6 +561,9 @@ def train(config: TrainConfig, resume: bool) -> dict:
     )
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    # This process's rows of every micro-step, each with its own carried state.
+    carried = (CarriedState(config.batch_size * config.gradient_accumulation_steps, config.state_reset,
+                            tokenizer.eos_token_id) if config.carry_state else None)
     start_step, tokens_seen = 0, 0
     log_path = output_dir / "train_log.jsonl"
     if checkpoint is not None:
@@ -547,6 +572,11 @@ def train(config: TrainConfig, resume: bool) -> dict:
         data_state = checkpoint / f"data_state_rank{accelerator.process_index}.json"
         if data_state.is_file():
             train_data.load_state_dict(json.loads(data_state.read_text()))
+        if carried is not None:
+            state_file = checkpoint / f"carried_state_rank{accelerator.process_index}.pt"
+            carried.load_state_dict(torch.load(state_file, map_location=accelerator.device))
+            if carried.next_index != start_step:
+                raise ConfigError(f"{state_file} continues at block {carried.next_index}, not at step {start_step}")
         if main:
             _restart_log(log_path, start_step)
     elif main and log_path.exists():
@@ -564,6 +594,8 @@ def train(config: TrainConfig, resume: bool) -> dict:
             f"dataset {splits.name} ({data_note}, {len(val_blocks) * world * config.block_size:,} validation tokens), "
             f"tokenizer {len(tokenizer)} tokens, model {config.cell_type} {num_params:,} parameters, "
             f"{world} process(es), {step_tokens:,} tokens per step"
+            + (f", carried state over {train_data.num_streams} streams of {train_data.part:,} tokens (reset: "
+               f"{config.state_reset})" if carried is not None else "")
             + (f", resuming at step {start_step} from {checkpoint}" if checkpoint is not None else "")
         )
 
@@ -597,14 +629,24 @@ def train(config: TrainConfig, resume: bool) -> dict:
         crc = 0
         for micro in range(config.gradient_accumulation_steps):
             index = step * config.gradient_accumulation_steps + micro
-            if splits.streaming:
+            if carried is not None:
+                first = (micro * world + accelerator.process_index) * config.batch_size
+                rows, targets = train_data.block(step, range(first, first + config.batch_size))
+            elif splits.streaming:
                 rows = train_data.batch(config.batch_size)
             else:
                 rows = train_data.batch(index, config.batch_size, accelerator.process_index, world)
             crc = zlib.crc32(rows.tobytes(), crc)
             batch = torch.from_numpy(rows).to(accelerator.device)
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                if carried is not None:
+                    loss = carried.forward(
+                        model, batch, torch.from_numpy(targets).to(accelerator.device),
+                        slice(micro * config.batch_size, (micro + 1) * config.batch_size), step,
+                        fresh=train_data.starts_epoch(step),
+                    ).loss
+                else:
+                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if accelerator.sync_gradients else None
                 optimizer.step()
@@ -634,7 +676,7 @@ def train(config: TrainConfig, resume: bool) -> dict:
             eval_loss, last_eval_step = run_eval(done), done
         if done % config.save_every == 0 or done == config.max_steps:
             path = save_checkpoint(accelerator, model, tokenizer, config,
-                                   {"step": done, "tokens_seen": tokens_seen, "world_size": world}, train_data)
+                                   {"step": done, "tokens_seen": tokens_seen, "world_size": world}, train_data, carried)
             if config.push_to_hub and main:
                 push(path / "pretrained", config, revision=f"step-{done}")
     progress.close()

@@ -110,3 +110,84 @@ def test_state_round_trips_and_refuses_another_layout():
         CarriedState(3, "eos", EOS).load_state_dict(first.state_dict())
     with pytest.raises(ValueError, match=r"state_reset='both' must be one of \('eos', 'none'\)"):
         CarriedState(3, "both")
+
+
+# ------------------------------------------------------------------------------------------------ pretrain.py
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from test_pretrain import SCRIPT, TINY, _env, accelerate_launch, run, step_losses, train_log  # noqa: E402
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    """60 documents of 100 characters of the embedded corpus (.jsonl): 8 streams of 681 tokens wrap around (a new
+    epoch) at step 21 of blocks of 32, and every stream meets an EOS within its first blocks."""
+    from text_data import default_corpus
+
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"text": doc[:100]}) + "\n" for doc in default_corpus()[:60]))
+    return ["--dataset", str(path), "--char-level", "true", "--carry-state", "true"]
+
+
+def test_carried_state_is_one_layout_across_processes_and_accumulation(tmp_path, small_corpus):
+    """1 process x 4 rows == 2 gloo processes x 2 rows == 1 process x 2 rows x 2 micro-steps: the same streams and
+    carried states (each process and micro-step its own rows), hence the same losses (resets at EOS here)."""
+    common = [*TINY, *small_corpus, "--max-steps", "4", "--eval-every", "4", "--save-every", "4"]
+    run([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
+    run([*common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")],
+        launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"))
+    run([*common, "--batch-size", "2", "--gradient-accumulation-steps", "2", "--output-dir", str(tmp_path / "accum")])
+    one, two, accum = (step_losses(tmp_path / name) for name in ("one", "two", "accum"))
+    assert all(len(r["batch_crc32"]) == 2 and r["batch_crc32"][0] != r["batch_crc32"][1]
+               for r in train_log(tmp_path / "two") if "loss" in r), "the two processes read the same streams"
+    for step in range(1, 5):
+        assert two[step] == pytest.approx(one[step], rel=1e-4) and accum[step] == pytest.approx(one[step], rel=1e-4)
+    saved = torch.load(tmp_path / "two" / "checkpoints" / "step-0000004" / "carried_state_rank1.pt")
+    assert saved["next_index"] == 4 and saved["h"][0].shape[0] == 2
+
+
+def test_carried_state_resumes_exactly_after_sigkill(tmp_path, small_corpus):
+    """Killed after a checkpoint, `--resume` continues bit for bit: the carried states and stream positions are in
+    the checkpoint (with dropout, accumulation, no EOS resets, and an epoch boundary at step 21 where the streams
+    start over)."""
+    common = [*TINY, *small_corpus, "--state-reset", "none", "--batch-size", "4", "--gradient-accumulation-steps", "2",
+              "--dropout", "0.1",
+              "--max-steps", "24", "--eval-every", "12"]
+    reference = tmp_path / "reference"
+    run([*common, "--save-every", "24", "--output-dir", str(reference)])
+
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *common, "--save-every", "3", "--output-dir", str(crashed)],
+                               cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import pretrain
+
+    deadline = time.monotonic() + 300
+    while pretrain.latest_checkpoint(str(crashed)) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
+
+    resumed = run([*common, "--save-every", "3", "--output-dir", str(crashed), "--resume"])
+    assert "carried state over 8 streams of 681 tokens (reset: none)" in resumed.stdout
+    start = int(resumed.stdout.split("resuming at step ")[1].split()[0])
+    assert 3 <= start < 21
+    expected, got = step_losses(reference), step_losses(crashed)
+    assert [got[s] for s in range(start + 1, 25)] == [expected[s] for s in range(start + 1, 25)]
+    final = [json.loads((d / "training_summary.json").read_text())["final_eval_loss"] for d in (reference, crashed)]
+    assert final[0] == final[1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--state-reset", "doc"], r"state_reset='doc' must be 'eos' or 'none'"),
+    (["--streaming", "--dataset", "x.txt"], r"carry_state=true needs an in-memory corpus"),
+])
+def test_carried_state_settings_are_checked(extra, message):
+    import pretrain
+
+    with pytest.raises(pretrain.ConfigError, match=message):
+        pretrain.parse_args(["--carry-state", *extra])
