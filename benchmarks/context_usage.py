@@ -7,8 +7,9 @@ Three models trained with the same recipe, data and token budget on blocks of `-
   block carried (detached) into the next (`scripts/state_streams.py`, as `pretrain.py --carry-state`);
 - `llama`: a parameter-matched transformers `LlamaForCausalLM` on the same random blocks, its window = the block.
 
-Evaluation on held-out text: windows of `--doc-tokens` + 1 tokens (evenly spaced over the held-out stream, enough
-to cover it), each scored from its first token. The minGRUs run the whole window through the recurrence in chunks
+Evaluation on held-out text: `--windows` windows of `--doc-tokens` + 1 tokens evenly spaced over the held-out
+stream (they overlap where it is shorter than windows x doc_tokens), each scored from its first token as if the
+document started there. The minGRUs run the whole window through the recurrence in chunks
 of `--eval-chunk` tokens with the cache (prefill-style, exactly one forward over the window). Llama cannot see
 beyond its window: it is evaluated with a sliding window of `block_size` tokens moved by `block_size / 2`, each
 token scored once with between `block_size / 2` and `block_size - 1` tokens of context (all earlier tokens in the
@@ -142,11 +143,11 @@ def train(model, kind: str, tokens: np.ndarray, args) -> dict:
             "epochs": args.steps * args.batch_size * args.block_size / len(tokens)}
 
 
-def eval_windows(heldout: np.ndarray, doc_tokens: int) -> torch.Tensor:
-    """Evenly spaced windows of `doc_tokens + 1` tokens covering the held-out stream, `(windows, doc_tokens + 1)`."""
+def eval_windows(heldout: np.ndarray, doc_tokens: int, count: int) -> torch.Tensor:
+    """`count` evenly spaced windows of `doc_tokens + 1` held-out tokens (from the first to the last token),
+    `(count, doc_tokens + 1)`."""
     if len(heldout) < doc_tokens + 1:
         raise SystemExit(f"error: the held-out text has {len(heldout)} tokens, fewer than --doc-tokens + 1")
-    count = math.ceil(len(heldout) / (doc_tokens + 1))
     starts = np.linspace(0, len(heldout) - doc_tokens - 1, count).round().astype(int)
     return torch.from_numpy(np.stack([heldout[s : s + doc_tokens + 1] for s in starts]))
 
@@ -223,12 +224,14 @@ def write_report(results: dict, out: Path) -> None:
         names = [name for name in MODELS if name in entry["models"]]
         lines += [f"## {corpus}", "", f"`{setup['command']}`", "",
                   f"{setup['corpus_note']}; {setup['train_tokens']:,} training tokens, held-out windows: "
-                  f"{setup['windows']} x {setup['doc_tokens']:,} tokens; {setup['steps']} steps x "
+                  f"{setup['windows']} x {setup['doc_tokens']:,} tokens from {setup['heldout_tokens']:,}; {setup['steps']} steps x "
                   f"{setup['batch_size']} x {setup['block_size']} tokens; lr {setup['lr']}; {setup['machine']}.", "",
                   "| model | parameters | train loss (last 50 steps) | training time | "
                   + " | ".join(f"t in [{lo}, {hi})" if hi <= edges[-1] - 1 else f"[{lo}, {hi - 1}]"
                                for lo, hi in zip(edges[:-1], edges[1:])) + " |",
                   "| --- | --- | --- | --- | " + " | ".join("---" for _ in edges[:-1]) + " |"]
+        lines.append("| scored tokens per bucket | | | | " + " | ".join(
+            f"{setup['windows'] * (hi - lo):,}" for lo, hi in zip(edges[:-1], edges[1:])) + " |")
         centers = [math.sqrt(lo * (hi - 1)) if hi - 1 > lo else lo for lo, hi in zip(edges[:-1], edges[1:])]
         for name in names:
             model = entry["models"][name]
@@ -264,6 +267,7 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--doc-tokens", type=int, default=16384)
+    parser.add_argument("--windows", type=int, default=32, help="held-out windows (documents) scored")
     parser.add_argument("--eval-chunk", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -280,7 +284,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     train_tokens, heldout, tokenizer = load_corpus(args.corpus, args.data)
-    windows = eval_windows(heldout, args.doc_tokens)
+    windows = eval_windows(heldout, args.doc_tokens, args.windows)
     edges = bucket_edges(args.doc_tokens)
     note = ("tinyshakespeare, character level, last 10% held out" if args.corpus == "shakespeare" else
             "pydoc_data.topics, byte-level BPE 1024, last 20% of characters held out, topics concatenated with EOS")

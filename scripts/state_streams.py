@@ -123,7 +123,7 @@ class CarriedState:
             restart = restart | is_eos[:, 0]
         cache = self._cache(config, rows, restart)
         out = model(input_ids=inputs, labels=inputs, shift_labels=targets.contiguous(), cache=cache, use_cache=True, **kwargs)
-        self._store(rows, out.cache)
+        self._store(rows, cache)  # updated in place by the forward
         out.cache = None  # the caller holds the loss; the state lives on here, detached
         self.next_index = index + 1
         return out
