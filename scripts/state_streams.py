@@ -122,7 +122,9 @@ class CarriedState:
             kwargs["seq_idx"] = is_eos.cumsum(dim=1)
             restart = restart | is_eos[:, 0]
         cache = self._cache(config, rows, restart)
-        out = model(input_ids=inputs, labels=inputs, shift_labels=targets.contiguous(), cache=cache, use_cache=True, **kwargs)
+        # `labels` only switch the loss on; the targets are `shift_labels`, so the block's last input is scored too.
+        out = model(input_ids=inputs, labels=inputs, shift_labels=targets.contiguous(), cache=cache, use_cache=True,
+                    **kwargs)
         self._store(rows, cache)  # updated in place by the forward
         out.cache = None  # the caller holds the loss; the state lives on here, detached
         self.next_index = index + 1
