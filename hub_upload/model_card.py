@@ -37,9 +37,32 @@ CITATION = """\
 }"""
 
 CELL_NAMES = {"mingru": "minGRU", "minlstm": "minLSTM"}
-# A Hub dataset id ("name" or "namespace/name"); anything else (a local path, free text) stays out of
-# the YAML metadata, where the Hub expects ids, and is only quoted in the card's body.
-_HUB_DATASET_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+# A Hub dataset id: "namespace/name", or a legacy bare "name" (no dot there: "pydoc_data.topics" is a module).
+# Anything else stays out of the YAML metadata, where the Hub expects ids, and is described in the card's body.
+_HUB_DATASET_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*|[A-Za-z0-9][\w-]*)$")
+# Local files as the pretraining script takes them (a path, a glob or a comma list) end in a data file suffix.
+_DATA_FILE_SUFFIX = re.compile(r"\.(txt|text|jsonl|json|parquet|csv|arrow)(\.(gz|bz2|xz|zst))?$", re.IGNORECASE)
+# Corpora that ship inside Python rather than on the Hub (scripts/text_data.py's DEFAULT_CORPUS).
+EMBEDDED_CORPORA = {
+    "pydoc_data.topics": "CPython's documentation topics (`pydoc_data.topics`, ~465k characters shipped with every "
+                         "Python; the pretraining script's embedded default corpus)",
+}
+
+
+def hub_dataset_id(dataset: str) -> str | None:
+    """``dataset`` if it names a Hub dataset, None for an embedded corpus or local files."""
+    if dataset in EMBEDDED_CORPORA or _DATA_FILE_SUFFIX.search(dataset) or not _HUB_DATASET_ID.match(dataset):
+        return None
+    return dataset
+
+
+def _describe_dataset(dataset: str) -> str:
+    """The training data for the card's body: a link for a Hub id, words for anything else."""
+    if hub_dataset_id(dataset):
+        return f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
+    if dataset in EMBEDDED_CORPORA:
+        return EMBEDDED_CORPORA[dataset]
+    return f"local files `{dataset}` (not published)"
 
 
 def check_training_summary(summary: dict) -> list[str]:
@@ -58,8 +81,8 @@ def _metadata(config: dict, summary: dict, license: str) -> dict:
     cell = config.get("cell_type", "mingru")
     tags = ["minrnn", CELL_NAMES.get(cell, cell), "rnn", "linear-recurrence", "custom_code"]
     metadata = {"library_name": "transformers", "pipeline_tag": "text-generation", "license": license, "tags": tags}
-    dataset = summary.get("dataset")
-    if dataset is not None and _HUB_DATASET_ID.match(dataset):
+    dataset = hub_dataset_id(summary.get("dataset") or "")
+    if dataset is not None:
         metadata["datasets"] = [dataset]
     return metadata
 
@@ -90,8 +113,27 @@ def _block_description(config: dict, cell: str) -> str:
     return text + ("; LayerNorm -> MLP -> residual." if mlp else "; no MLP.")
 
 
-def _usage(repo_id: str, revision: str | None) -> str:
+def _usage(repo_id: str, revision: str | None, config: dict, has_tokenizer: bool) -> str:
     rev = f', revision="{revision}"' if revision else ""
+    if not has_tokenizer:
+        bos = config.get("bos_token_id")
+        start = bos if isinstance(bos, int) else 0
+        return f"""\
+This checkpoint ships **no tokenizer**: the model takes token ids (integers in `[0, {config.get("vocab_size")})`)
+and generates token ids. Encode and decode them with the tokenizer the model was trained with.
+
+```python
+import torch
+from transformers import AutoModelForCausalLM
+
+# trust_remote_code: the minGRU/minLSTM code ships with the checkpoint (configuration_minrnn.py, modeling_minrnn.py).
+model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, trust_remote_code=True)
+
+input_ids = torch.tensor([[{start}]])  # your prompt's token ids, shape (batch, seq)
+output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=40, do_sample=True,
+                        top_k=50)
+print(output[0].tolist())  # token ids: the prompt's, then the generated ones
+```"""
     return f"""\
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,6 +158,7 @@ def render_model_card(
     license: str,
     revision: str | None = None,
     has_loss_curve: bool = False,
+    has_tokenizer: bool = True,
 ) -> str:
     """The README.md text: YAML metadata block, then a body built from the checkpoint's facts.
 
@@ -127,6 +170,7 @@ def render_model_card(
         license: the license id for the metadata (e.g. ``"apache-2.0"``).
         revision: branch the snippet loads from; None for the default branch.
         has_loss_curve: whether ``loss_curve.png`` is published next to the card.
+        has_tokenizer: whether a tokenizer is published; without one the usage shows token ids in and out.
     """
     summary = summary or {}
     cell = CELL_NAMES.get(config.get("cell_type"), str(config.get("cell_type", NOT_RECORDED)))
@@ -154,7 +198,7 @@ def render_model_card(
     training = "\n".join(
         f"| {name} | {value} |"
         for name, value in (
-            ("Dataset", f"`{dataset}`" if dataset is not None else NOT_RECORDED),
+            ("Dataset", _describe_dataset(dataset) if dataset is not None else NOT_RECORDED),
             ("Tokens seen", _fmt_count(summary.get("tokens_seen"))),
             ("Optimizer steps", _fmt_count(summary.get("steps"))),
             ("Final eval loss (nats/token)", _fmt_float(summary.get("final_eval_loss"))),
@@ -171,7 +215,7 @@ def render_model_card(
         if has_loss_curve
         else f"Loss curve: {NOT_RECORDED}."
     )
-    data_note = f"`{dataset}`" if dataset is not None else "its training data (not recorded)"
+    data_note = _describe_dataset(dataset) if dataset is not None else "its training data (not recorded)"
     eval_note = (
         "The evaluation numbers above are those the pretraining script recorded on its evaluation split of "
         "the training data; they say nothing about other domains."
@@ -210,7 +254,7 @@ grow with the context).
 
 ## Usage
 
-{_usage(repo_id, revision)}
+{_usage(repo_id, revision, config, has_tokenizer)}
 
 Generation carries one fixed-size recurrent state per layer from token to token, so each new
 token costs the same at any context length.

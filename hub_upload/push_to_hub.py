@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -34,6 +35,8 @@ if __package__ in (None, ""):  # run as a script: make the `hub_upload` package 
 
 from hub_upload.model_card import CELL_NAMES, LOSS_CURVE_FILE, check_training_summary, render_model_card
 
+logger = logging.getLogger(__name__)
+
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 SUMMARY_FILE = "training_summary.json"
@@ -41,6 +44,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")  # without either there is no tokenizer to load
 OPTIONAL_FILES = ("generation_config.json", LOSS_CURVE_FILE, SUMMARY_FILE)
 # Top-level packages the verification subprocess must not see: the checkpoint has to load from its own code.
 BLOCKED_PACKAGES = ("modeling_minrnn", "hub_upload")
@@ -155,11 +159,13 @@ def collect_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[list[str], di
             f"{checkpoint / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'minrnn'"
         )
     tokenizer = [name for name in TOKENIZER_FILES if (checkpoint / name).is_file()]
-    if not {"tokenizer.json", "tokenizer_config.json"} & set(tokenizer):
-        raise PublishError(
-            f"no tokenizer in {checkpoint} (expected tokenizer.json / tokenizer_config.json); "
-            "save it next to the model with tokenizer.save_pretrained(...)"
+    if not set(TOKENIZER_MARKERS) & set(tokenizer):
+        # As transformers' own push_to_hub: a model alone is publishable (its card says it takes token ids).
+        logger.warning(
+            f"no tokenizer in {checkpoint} (no {' or '.join(TOKENIZER_MARKERS)}): publishing the model alone, which "
+            "takes and returns token ids; to include one, save it there with tokenizer.save_pretrained(...)"
         )
+        tokenizer = []
     summary = None
     if (checkpoint / SUMMARY_FILE).is_file():
         summary = _read_json(checkpoint / SUMMARY_FILE)
@@ -267,7 +273,9 @@ def push_checkpoint(
     token: str | None = None,
     license: str = "apache-2.0",
 ) -> PushResult:
-    """Verify, stage and publish a checkpoint folder written by ``save_pretrained`` (+ tokenizer).
+    """Verify, stage and publish a checkpoint folder written by ``save_pretrained`` (+ tokenizer, if any).
+
+    A folder without a tokenizer is published with a warning (logged), and its card shows use with token ids.
 
     Args:
         checkpoint_dir: the folder; only read, never changed.
@@ -302,7 +310,8 @@ def push_checkpoint(
             shutil.copyfile(checkpoint / name, staged / name)
         facts = verify_staged(staged)
         card = render_model_card(repo_id, config, facts, summary, license=license, revision=revision,
-                                 has_loss_curve=LOSS_CURVE_FILE in files)
+                                 has_loss_curve=LOSS_CURVE_FILE in files,
+                                 has_tokenizer=bool(set(TOKENIZER_MARKERS) & set(files)))
         (staged / "README.md").write_text(card)
         published = sorted([*files, "README.md"])
         sizes = {name: (staged / name).stat().st_size for name in published}
@@ -332,7 +341,7 @@ def _format_size(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="folder written by save_pretrained (model + tokenizer)")
+    parser.add_argument("--checkpoint", required=True, help="folder written by save_pretrained (model, and tokenizer if any)")
     parser.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing); default main")
@@ -340,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--license", default="apache-2.0", help="license id in the model card (default apache-2.0)")
     parser.add_argument("--dry-run", action="store_true", help="verify and print the files and card; no network")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
     try:
         result = push_checkpoint(args.checkpoint, args.repo_id, private=args.private, revision=args.revision,
                                  commit_message=args.commit_message, dry_run=args.dry_run, license=args.license)

@@ -3,12 +3,16 @@
 ``python verify_checkpoint.py STAGED_DIR`` must run where the ``modeling_minrnn`` package cannot be
 imported (``push_to_hub.verify_staged`` arranges it): the model then loads only through the code files
 shipped in the folder (``trust_remote_code=True``), exactly as from the Hub. It checks that config,
-weights and tokenizer agree and that the model generates, then prints one JSON line of measured facts
+weights and tokenizer (if it has one) agree and that the model generates, then prints one JSON line of measured facts
 on stdout. On failure it prints ``VERIFY FAILED: <reason>`` on stderr and exits with status 1.
 """
 
 import json
+import os
 import sys
+
+# What makes a folder hold a tokenizer, as push_to_hub.py decides it (this script runs without the hub_upload package).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 
 
 class CheckFailed(Exception):
@@ -35,18 +39,21 @@ def verify(folder: str) -> dict:
         type(model).__module__.startswith("transformers_modules") and "modeling_minrnn" not in sys.modules,
         f"the model class came from {type(model).__module__}, not from the checkpoint's code files",
     )
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    # A checkpoint may ship without a tokenizer (as transformers' push_to_hub allows): it then takes token ids.
+    has_tokenizer = any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_MARKERS)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True) if has_tokenizer else None
 
     vocab = config.vocab_size
     _check(model.get_input_embeddings().weight.shape[0] == vocab,
            f"input embedding has {model.get_input_embeddings().weight.shape[0]} rows, config.vocab_size is {vocab}")
     _check(model.get_output_embeddings().weight.shape[0] == vocab,
            f"output head has {model.get_output_embeddings().weight.shape[0]} rows, config.vocab_size is {vocab}")
-    _check(len(tokenizer) <= vocab, f"tokenizer has {len(tokenizer)} tokens, more than config.vocab_size={vocab}")
+    if tokenizer is not None:
+        _check(len(tokenizer) <= vocab, f"tokenizer has {len(tokenizer)} tokens, more than config.vocab_size={vocab}")
     generation_config = GenerationConfig.from_pretrained(folder) if model.can_generate() else None
     for name in ("pad", "bos", "eos"):
         key = f"{name}_token_id"
-        tok_id = getattr(tokenizer, key)
+        tok_id = getattr(tokenizer, key, None)
         for source, obj in (("config.json", config), ("generation_config.json", generation_config)):
             ids = getattr(obj, key, None)
             ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
@@ -55,7 +62,10 @@ def verify(folder: str) -> dict:
                    f"{source} {key}={ids} disagrees with the tokenizer's {key}={tok_id}")
 
     model.eval()
-    prompt = tokenizer("Once upon a time", return_tensors="pt")["input_ids"]
+    if tokenizer is None:  # token ids in: start from BOS, or from id 0
+        prompt = torch.tensor([[config.bos_token_id if config.bos_token_id is not None else 0]])
+    else:
+        prompt = tokenizer("Once upon a time", return_tensors="pt")["input_ids"]
     if prompt.shape[1] == 0:  # a tokenizer may map this English prompt to nothing; start from BOS then
         _check(tokenizer.bos_token_id is not None, "the tokenizer encodes the prompt to no tokens and has no BOS")
         prompt = torch.tensor([[tokenizer.bos_token_id]])
@@ -72,7 +82,7 @@ def verify(folder: str) -> dict:
     return {
         "num_parameters": model.num_parameters(),
         "vocab_size": vocab,
-        "tokenizer_size": len(tokenizer),
+        "tokenizer_size": None if tokenizer is None else len(tokenizer),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
 

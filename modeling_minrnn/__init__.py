@@ -7,6 +7,7 @@ marks the classes for remote code, so `save_pretrained` writes the code files an
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
 from .modeling_minrnn import MinRNNForCausalLM, MinRNNModel, MinRNNPreTrainedModel
 from .scan import SCAN_BACKENDS, linear_recurrence
@@ -22,6 +23,7 @@ MinRNNModel.register_for_auto_class("AutoModel")
 MinRNNForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "MinRNNCache",
     "MinRNNConfig",
     "MinRNNForCausalLM",
     "MinRNNModel",

@@ -12,10 +12,14 @@ from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLa
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import capture_outputs
 
+from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
 from .scan import linear_recurrence, resolve_backend
 from .scan_cpu import cpu_cell_scan
@@ -55,8 +59,9 @@ _CELL_GATES = {"mingru": (2, mingru_log_gates), "minlstm": (3, minlstm_log_gates
 class MinRNNMixer(nn.Module):
     """Causal depthwise conv (optional) -> minGRU/minLSTM cell at `recurrent_size` width -> projection back (if any).
 
-    With a cache, the conv window and the recurrent state `h` live in the block's `LinearAttentionLayer`, so a
-    forward over new tokens continues exactly where the cached one stopped.
+    With a cache, the conv window and the recurrent state `h` live in the block's cache layer, so a forward over
+    new tokens continues exactly where the cached one stopped. The layer also receives the state after every token
+    (`all_states`): a `MinRNNCacheLayer` keeps them while recording, to roll back after speculative decoding.
     """
 
     def __init__(self, config: MinRNNConfig, layer_idx: int):
@@ -81,14 +86,43 @@ class MinRNNMixer(nn.Module):
             # As in the paper: without expansion the cell's state is the output, with no projection back.
             self.out_proj = nn.Identity()
 
-    def causal_conv(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs."""
+    def causal_conv(self, x: torch.Tensor, cache: Cache | None, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, seq, hidden) -> (batch, seq, hidden)`, prepending the cached window of earlier inputs.
+
+        `reset` `(batch, seq)` bool marks sequence starts: a tap that would read a token before the start of its
+        own sequence reads zero, as if the sequence ran alone.
+        """
         seq_len = x.shape[1]
         x = x.transpose(1, 2)
+        if reset is not None:
+            # Distance of each token from its sequence's start (>= conv_kernel before the first start, where the
+            # whole window, cached inputs included, belongs to the sequence carried in).
+            time = torch.arange(seq_len, device=x.device)
+            since_start = time - torch.where(reset, time, -self.conv_kernel).cummax(dim=1).values
         if cache is not None:
             # Returns the cached window followed by `x` (or `x` alone on the first call) and keeps the newest inputs.
             x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel)
         total = x.shape[-1]
+        if reset is not None:
+            # Tap by tap (conv_kernel is small), in the (batch, time, hidden) layout where each tap is contiguous:
+            # the tap `lag` steps back counts only within the same sequence.
+            x = F.pad(x.transpose(1, 2), (0, 0, max(0, self.conv_kernel - 1 + seq_len - total), 0))
+            total = x.shape[1]
+            weight = self.conv1d.weight.squeeze(1).t()  # (conv_kernel, hidden); the last tap is the current token
+            out = self.conv1d.bias
+            for lag in range(self.conv_kernel):
+                tap = x[:, total - seq_len - lag : total - lag]
+                if lag > 0:
+                    tap = tap.masked_fill((lag > since_start).unsqueeze(-1), 0.0)
+                out = torch.addcmul(out, tap, weight[self.conv_kernel - 1 - lag])
+            if cache is not None:
+                # The kept window continues the row's last sequence: inputs before its start (the previous
+                # sequences', and the older cached ones) must not reach the next call.
+                kept = cache.get_conv_state(self.layer_idx)[..., -self.conv_kernel :]
+                call_position = torch.arange(seq_len - self.conv_kernel, seq_len, device=x.device)
+                last_start = torch.where(reset, time, -1).amax(dim=1, keepdim=True)
+                kept.masked_fill_((call_position < last_start).unsqueeze(1), 0.0)
+            return out
         if seq_len == 1 and total >= self.conv_kernel:
             # One decoding step is a dot product over the window; a conv1d call costs ~5x more at batch 1.
             window = x[..., total - self.conv_kernel :]
@@ -96,18 +130,24 @@ class MinRNNMixer(nn.Module):
         return self.conv1d(x)[..., total - seq_len : total].transpose(1, 2)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        reset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)` bool, True = real token."""
+        """`hidden_states` `(batch, seq, hidden)`; `padding_mask` `(batch, seq)` bool, True = real token; `reset`
+        `(batch, seq)` bool, True where a new sequence starts (state and conv window restart there)."""
         initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         if padding_mask is not None:
-            hidden_states = hidden_states * padding_mask.unsqueeze(-1).to(hidden_states.dtype)
-        x = self.causal_conv(hidden_states, cache) if self.conv_kernel > 0 else hidden_states
+            # Select, never multiply: NaN or inf at a padded position times 0 is NaN, and would reach the state.
+            hidden_states = hidden_states.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+        x = self.causal_conv(hidden_states, cache, reset) if self.conv_kernel > 0 else hidden_states
 
         projections = self.in_proj(x)
         if resolve_backend(self.scan_backend, projections) == "cpu":
             # The native kernel computes the same gates inside the scan: a third of the memory traffic.
-            states = cpu_cell_scan(self.cell_type, projections, padding_mask, initial_state)
+            states = cpu_cell_scan(self.cell_type, projections, padding_mask, initial_state, reset)
         else:
             # Gates in fp32 whatever the weights' dtype: the state accumulates over the whole sequence.
             log_a, log_b = self.log_gates(*projections.float().chunk(self.n_gates, dim=-1))
@@ -116,10 +156,10 @@ class MinRNNMixer(nn.Module):
                 keep = padding_mask.unsqueeze(-1)
                 log_a = log_a.masked_fill(~keep, 0.0)
                 log_b = log_b.masked_fill(~keep, float("-inf"))
-            states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend)
+            states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend, reset=reset)
 
         if cache is not None:
-            cache.update_recurrent_state(states[:, -1], self.layer_idx)
+            cache.update_recurrent_state(states[:, -1], self.layer_idx, all_states=states)
             # Without a conv, nothing else marks the layer as holding a state (transformers sets the flag only in
             # `update_conv_state`), and the next call would start from zeros.
             cache.layers[self.layer_idx].has_previous_state[0] = True
@@ -152,9 +192,13 @@ class MinRNNBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        reset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.dropout(self.mixer(self.norm(hidden_states), padding_mask, cache))
+        hidden_states = hidden_states + self.dropout(self.mixer(self.norm(hidden_states), padding_mask, cache, reset))
         if self.mlp is not None:
             hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states
@@ -165,8 +209,8 @@ class MinRNNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["MinRNNBlock"]
     supports_gradient_checkpointing = True
-    # The state cannot be rolled back, so generate() refuses assisted decoding with a clear error.
-    _is_stateful = True
+    # transformers' output recording: `output_hidden_states` collects each block's input and the final output.
+    _can_record_outputs = {"hidden_states": MinRNNBlock}
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -200,10 +244,121 @@ def _padding_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len:
             f"`attention_mask` must have shape (batch, seq) = {(batch_size, seq_len)} (or cover the cached tokens "
             f"too when a cache is passed); got {tuple(attention_mask.shape)}."
         )
-    mask = attention_mask[:, attention_mask.shape[1] - seq_len :].bool()
+    mask = attention_mask[:, attention_mask.shape[1] - seq_len :]
+    if not is_torchdynamo_compiling() and mask.dtype != torch.bool:
+        bad = mask[(mask != 0) & (mask != 1)]
+        if bad.numel():
+            raise ValueError(
+                f"`attention_mask` must hold only 0 (padding) and 1 (real token), or be bool; got "
+                f"{sorted(set(bad.unique()[:5].tolist()))}. An additive mask (0 / -inf) is not accepted: pass the "
+                "tokenizer's 0/1 mask."
+            )
+    mask = mask.bool()
     if not is_torchdynamo_compiling() and bool(mask.all()):
         return None
     return mask
+
+
+def _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device, check):
+    """Sequence starts `(batch, seq)` from cumulative lengths over the flattened `(batch * seq)` tokens."""
+    total = batch_size * seq_len
+    is_integer = isinstance(cu_seq_lens, torch.Tensor) and not cu_seq_lens.is_floating_point()
+    offsets = cu_seq_lens.to(device=device, dtype=torch.long) if is_integer else None
+    if check and (
+        offsets is None
+        or offsets.dim() != 1
+        or offsets.numel() < 2
+        or int(offsets[0]) != 0
+        or int(offsets[-1]) != total
+        or bool((offsets.diff() < 0).any())
+    ):
+        if isinstance(cu_seq_lens, torch.Tensor):
+            got = cu_seq_lens.tolist() if cu_seq_lens.numel() <= 8 else f"shape {tuple(cu_seq_lens.shape)}"
+        else:
+            got = type(cu_seq_lens).__name__
+        raise ValueError(
+            f"`{name}` must be a 1-D integer tensor of cumulative sequence lengths over the flattened batch: 0, then "
+            f"non-decreasing, ending at batch * seq = {total}; got {got}."
+        )
+    lengths = offsets.diff()
+    if check and max_length is not None and int(max_length) < int(lengths.max()):
+        raise ValueError(
+            f"`{name.replace('cu_seq_lens', 'max_length')}`={int(max_length)} is shorter than the longest sequence in "
+            f"`{name}` ({int(lengths.max())})."
+        )
+    if check and not bool(torch.isin(torch.arange(1, batch_size, device=device) * seq_len, offsets).all()):
+        raise ValueError(
+            f"`{name}` has a sequence that runs from one row into the next; with batch size {batch_size}, each row "
+            f"(of {seq_len} tokens) must start a sequence: include every multiple of {seq_len}."
+        )
+    # Counted, not assigned: an empty sequence repeats an offset, which then still starts the next one.
+    starts = torch.zeros(total + 1, dtype=torch.long, device=device).index_add_(0, offsets[:-1], (lengths > 0).long())
+    return (starts[:total] > 0).view(batch_size, seq_len)
+
+
+def _as_rows(name, tensor, batch_size, seq_len, broadcast):
+    """`tensor` `(batch, seq)`, `(seq,)` or, with `broadcast`, `(1, seq)`, as an integer `(batch, seq)` tensor."""
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    rows = (1, batch_size) if broadcast else (batch_size,)
+    if tensor.dim() != 2 or tensor.shape[1] != seq_len or tensor.shape[0] not in rows or tensor.is_floating_point():
+        also = " (or (1, seq))" if broadcast else ""
+        raise ValueError(
+            f"`{name}` must be an integer tensor of shape (batch, seq) = {(batch_size, seq_len)}{also}; got "
+            f"{tensor.dtype} {tuple(tensor.shape)}."
+        )
+    return tensor.expand(batch_size, seq_len)
+
+
+def _sequence_starts(
+    batch_size: int,
+    seq_len: int,
+    padding_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cu_seq_lens_q: torch.Tensor | None,
+    cu_seq_lens_k: torch.Tensor | None,
+    max_length_q: int | None,
+    max_length_k: int | None,
+    seq_idx: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The `(batch, seq)` bool mask of packed-sequence starts (where the state and conv window restart), or None.
+
+    Packing collators (transformers' `DataCollatorWithFlattening`, TRL's padding-free packing) mark where each
+    sequence starts in any of three ways; every one given is read and they must agree: `position_ids` restart at 0;
+    `cu_seq_lens_q/k` hold the start offsets in the flattened `(batch * seq)` tokens, then the total; `seq_idx`
+    changes value. A row's first real token of the call is never a start: the state carried into the call (zeros,
+    or the cache's) continues there, because `generate` numbers a continuation's first token 0 too. Padding is never
+    a start (it leaves the state untouched).
+    """
+    check = not is_torchdynamo_compiling()
+    derived = {}
+    if position_ids is not None:
+        derived["position_ids"] = _as_rows("position_ids", position_ids, batch_size, seq_len, broadcast=True) == 0
+    for name, cu_seq_lens, max_length in (
+        ("cu_seq_lens_q", cu_seq_lens_q, max_length_q),
+        ("cu_seq_lens_k", cu_seq_lens_k, max_length_k),
+    ):
+        if cu_seq_lens is not None:
+            derived[name] = _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device, check)
+    if seq_idx is not None:
+        seq_idx = _as_rows("seq_idx", seq_idx, batch_size, seq_len, broadcast=False)
+        derived["seq_idx"] = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
+    if not derived or seq_len == 1:  # one token is its row's first: never a start (decoding steps pay nothing)
+        return None
+
+    real = padding_mask if padding_mask is not None else torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+    eligible = real & (real.cumsum(dim=1) > 1)
+    (first_name, reset), *others = [(name, starts.to(device) & eligible) for name, starts in derived.items()]
+    for name, other in others:
+        if check and not torch.equal(other, reset):
+            raise ValueError(
+                f"`{first_name}` and `{name}` mark different sequence starts; pass consistent packing inputs (e.g. "
+                "all from one collator) or only one of them."
+            )
+    if check and not bool(reset.any()):
+        return None
+    return reset
 
 
 def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
@@ -212,13 +367,15 @@ def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
         isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers[: config.num_hidden_layers]
     ):
         raise ValueError(
-            "`cache` must hold one linear-attention layer per block: create it with "
-            "`DynamicCache(config=model.config)` or take the `cache` returned by a previous forward/generate."
+            "`cache` must hold one linear-attention layer per block: create it with `MinRNNCache(model.config)` "
+            "(or `DynamicCache(config=model.config)`) or take the `cache` returned by a previous forward/generate."
         )
     state = layers[0].recurrent_states[0] if layers[0].has_previous_state[0] else None
     if state is not None and state.shape[0] != batch_size:
         raise ValueError(
-            f"`cache` holds states for batch size {state.shape[0]} but the input has batch size {batch_size}."
+            f"`cache` holds states for batch size {state.shape[0]} but the input has batch size {batch_size}; to "
+            f"run several rows from one state (e.g. `num_return_sequences`), fork it with "
+            f"`cache.batch_repeat_interleave(n)` first."
         )
 
 
@@ -238,6 +395,9 @@ class MinRNNModel(MinRNNPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -245,22 +405,34 @@ class MinRNNModel(MinRNNPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
-    ) -> tuple | BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; give these or `inputs_embeds`.
-        attention_mask (`(batch, seq)`): 1 for real tokens, 0 for padding; padding leaves the state untouched.
+        attention_mask (`(batch, seq)`): 1 for real tokens, 0 for padding (or bool); padding leaves the state
+            untouched, whatever its embeddings hold.
         inputs_embeds (`(batch, seq, hidden)`): embeddings to use instead of `input_ids`.
-        cache (`Cache`): the recurrent state of earlier tokens (a `DynamicCache(config=...)` or one returned by an
-            earlier call); updated in place with the state after these tokens.
+        cache (`Cache`): the recurrent state of earlier tokens (a `MinRNNCache(config)`, a
+            `DynamicCache(config=...)` or one returned by an earlier call); updated in place with the state after
+            these tokens. `past_key_values` and `cache_params` are deprecated aliases.
         use_cache (`bool`): create a cache when none is given, and return it.
+        output_hidden_states (`bool`): also return the input of every block and the final output (recorded by
+            transformers' `capture_outputs`); `return_dict=False` returns a tuple.
+        position_ids (`(batch, seq)` or `(1, seq)`): packed sequences (`DataCollatorWithFlattening`, TRL packing):
+            a position 0 after the row's first real token starts a new sequence, where the state and the conv window
+            restart. Ordinary positions (0..seq-1, offsets after a cache, left padding) start nothing.
+        cu_seq_lens_q / cu_seq_lens_k (`(num_sequences + 1,)`): packed sequences as cumulative lengths over the
+            flattened `(batch * seq)` tokens, as the varlen attention kernels take them. `max_length_q/k`: their
+            longest sequence (checked, not needed).
+        seq_idx (`(batch, seq)` int): packed sequences as the index of the sequence each token belongs to.
+            Whichever packing inputs are given must agree; see `_sequence_starts`.
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
 
         if (input_ids is None) == (inputs_embeds is None):
@@ -282,31 +454,34 @@ class MinRNNModel(MinRNNPreTrainedModel):
                 f"got {tuple(inputs_embeds.shape)}."
             )
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            raise ValueError(
+                f"The input has no tokens (shape {(batch_size, 0)}); pass at least one token per row."
+            )
 
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
             use_cache = False
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = MinRNNCache(self.config)
         if cache is not None:
             _check_cache(cache, self.config, batch_size)
         has_state = cache is not None and cache.layers[0].has_previous_state[0]
         padding_mask = _padding_mask(attention_mask, batch_size, seq_len, has_state)
+        if padding_mask is not None:
+            # Whatever a padded position's embedding holds (NaN, inf) stays out of every later computation, its
+            # gradients included: each block only ever sees zeros there.
+            inputs_embeds = inputs_embeds.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+        reset = _sequence_starts(
+            batch_size, seq_len, padding_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            seq_idx, inputs_embeds.device,
+        )
 
         hidden_states = self.dropout(inputs_embeds)
-        all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = block(hidden_states, padding_mask, cache)
+            hidden_states = block(hidden_states, padding_mask, cache, reset)
         hidden_states = self.norm_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        cache = cache if use_cache else None
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
 class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
@@ -324,6 +499,9 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, new_embeddings):
         self.model.set_input_embeddings(new_embeddings)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -332,47 +510,93 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
-    ) -> tuple | CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq)`): targets for the next-token loss; shifted inside the
             model, so `labels = input_ids` works. `-100` is ignored. `num_items_in_batch` (a keyword) normalises
             the loss over gradient-accumulation steps.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (or these indices).
 
-        Other arguments as in `MinRNNModel.forward`.
+        Other arguments (`output_hidden_states` and the packing inputs `position_ids`, `cu_seq_lens_q/k`,
+        `max_length_q/k`, `seq_idx` among them) as in `MinRNNModel.forward`.
         """
-        if "past_key_values" in kwargs:
-            # A recurrent state silently ignored would decode from scratch; take the old name as the new one.
-            past = kwargs.pop("past_key_values")
-            if cache is None:
-                cache = past
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max_length_q,
+            max_length_k=max_length_k,
+            seq_idx=seq_idx,
+            **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        if not return_dict:
-            output = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)
-            return (loss,) + output if loss is not None else output
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """`GenerationMixin.generate`, with an empty prompt refused in one line (transformers would fail on it with
+        an IndexError before the first forward)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[1] == 0:
+            raise ValueError(
+                f"The prompt has no tokens (shape {tuple(prompt.shape)}); pass at least one token per row (e.g. the "
+                "BOS token)."
+            )
+        return super().generate(inputs, *args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() builds a plain `DynamicCache`; use a `MinRNNCache` instead, which holds the same states and
+        can also roll back (assisted and prompt-lookup decoding) and count its tokens (chunked prefill). A cache
+        the caller passed is used as given."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        built = model_kwargs.get("cache")
+        if type(built) is not DynamicCache or getattr(built, "_is_user_defined", False):
+            return
+        # A rollback never goes back further than the tokens this call may generate (+1: the assistant re-feeds
+        # the last accepted token).
+        max_rollback = max(MinRNNCache(self.config).max_rollback, (generation_config.max_new_tokens or 0) + 1)
+        cache = MinRNNCache(self.config, max_rollback=max_rollback, offloading=built.offloading)
+        if any(getattr(layer, "record_past", False) for layer in built.layers):
+            cache.activate_past_recording()  # as transformers decided for its own cache (an assistant's)
+        model_kwargs["cache"] = cache
+
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, inputs_embeds=None,
+        is_first_iteration=False, **kwargs,
+    ):
+        # An assistant model's generate() starts each round from its rolled-back cache with the whole sequence;
+        # transformers slices off the consumed tokens only for attention caches, so do it here for the recurrent one.
+        if (
+            next_sequence_length is None
+            and not is_first_iteration
+            and isinstance(cache, MinRNNCache)
+            and cache.is_recording_past(0)
+            and 0 < cache.get_seq_length() < input_ids.shape[1]
+        ):
+            next_sequence_length = input_ids.shape[1] - cache.get_seq_length()
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
         )
 
     @torch.no_grad()
@@ -387,7 +611,11 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         """
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be >= 1; got {chunk_size}.")
-        cache = cache if cache is not None else DynamicCache(config=self.config)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"`input_ids` must have shape (batch, seq) with at least one token; got {tuple(input_ids.shape)}."
+            )
+        cache = cache if cache is not None else MinRNNCache(self.config)
         for chunk in input_ids.split(chunk_size, dim=1):
             out = self(chunk, cache=cache, use_cache=True, logits_to_keep=1)
         return out

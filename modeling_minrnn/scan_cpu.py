@@ -2,7 +2,8 @@
 
 A small C++ kernel, compiled on first use with ``torch.utils.cpp_extension.load_inline``
 and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``; torch's lock file there keeps concurrent builds safe).
+``~/.cache/torch_extensions``; torch's lock file there keeps concurrent builds safe). A build is
+announced in one log line before and one after; ``python -m modeling_minrnn.build_kernel`` does it ahead.
 The source lives in this file as a string so that the package stays flat ``.py`` files,
 which transformers copies as remote code.
 
@@ -21,6 +22,7 @@ import os
 import re
 import sys
 import threading
+import time
 import warnings
 
 import torch
@@ -141,25 +143,43 @@ void backward_step(const float* __restrict log_a, const float* __restrict log_b,
   }
 }
 
+// A sequence start (reset[t], reset may be null) reads a zero state instead of h_{t-1}:
+// h_t = a_t * 0 + b_t, exactly as the reference's a = 0, and the step kernels stay as they are.
+struct Resets {
+  const bool* reset;  // (seq,) of this row, or null
+  float zeros[kMaxWidth];
+  explicit Resets(const bool* r, int64_t width) : reset(r) {
+    if (reset != nullptr) std::fill(zeros, zeros + width, 0.0f);
+  }
+  bool at(int64_t t) const { return reset != nullptr && reset[t]; }
+  const float* prev(int64_t t, const float* h, const float* h0, int64_t dim) const {
+    return at(t) ? zeros : t > 0 ? h + (t - 1) * dim : h0;
+  }
+};
+
 // One (batch, channel block) task. Pointers are at (t = 0, first channel of the block);
 // rows are `dim` apart.
-void forward_block(const float* log_a, const float* log_b, const float* h0, float* h,
-                   int64_t seq, int64_t dim, int64_t width) {
+void forward_block(const float* log_a, const float* log_b, const bool* reset, const float* h0,
+                   float* h, int64_t seq, int64_t dim, int64_t width) {
+  const Resets resets(reset, width);
   for (int64_t t = 0; t < seq; ++t) {
     const int64_t o = t * dim;
-    forward_step(log_a + o, log_b + o, t > 0 ? h + o - dim : h0, h + o, width);
+    forward_step(log_a + o, log_b + o, resets.prev(t, h, h0, dim), h + o, width);
   }
 }
 
-void backward_block(const float* log_a, const float* log_b, const float* h0, const float* h,
-                    const float* grad_h, float* grad_log_a, float* grad_log_b,
+// After a sequence start nothing flows further back: the carry (a_t dh_t) restarts at 0.
+void backward_block(const float* log_a, const float* log_b, const bool* reset, const float* h0,
+                    const float* h, const float* grad_h, float* grad_log_a, float* grad_log_b,
                     float* grad_h0, int64_t seq, int64_t dim, int64_t width) {
+  const Resets resets(reset, width);
   float carry[kMaxWidth];
   std::fill(carry, carry + width, 0.0f);
   for (int64_t t = seq - 1; t >= 0; --t) {
     const int64_t o = t * dim;
-    backward_step(log_a + o, log_b + o, t > 0 ? h + o - dim : h0, grad_h + o, carry,
+    backward_step(log_a + o, log_b + o, resets.prev(t, h, h0, dim), grad_h + o, carry,
                   grad_log_a + o, grad_log_b + o, width);
+    if (resets.at(t)) std::fill(carry, carry + width, 0.0f);
   }
   std::copy(carry, carry + width, grad_h0);
 }
@@ -272,15 +292,17 @@ void minlstm_backward_step(const float* __restrict f, const float* __restrict i,
 }
 
 // One (batch, channel block) task of a cell: `step(t, h_prev, h_t)` runs the cell's step
-// at a real token; a padded one (keep[t] false) passes the state through (a = 1, b = 0).
+// at a real token (from a zero state at a sequence start); a padded one (keep[t] false)
+// passes the state through (a = 1, b = 0), sequence start or not.
 template <typename Step>
-void cell_forward_block(const bool* keep, const float* h0, float* h, int64_t seq,
-                        int64_t dim, int64_t width, const Step& step) {
+void cell_forward_block(const bool* keep, const bool* reset, const float* h0, float* h,
+                        int64_t seq, int64_t dim, int64_t width, const Step& step) {
+  const Resets resets(reset, width);
   for (int64_t t = 0; t < seq; ++t) {
-    const float* h_prev = t > 0 ? h + (t - 1) * dim : h0;
     if (keep == nullptr || keep[t]) {
-      step(t, h_prev, h + t * dim);
+      step(t, resets.prev(t, h, h0, dim), h + t * dim);
     } else {
+      const float* h_prev = t > 0 ? h + (t - 1) * dim : h0;
       std::copy(h_prev, h_prev + width, h + t * dim);
     }
   }
@@ -289,14 +311,16 @@ void cell_forward_block(const bool* keep, const float* h0, float* h, int64_t seq
 // `step(t, h_prev, carry)` runs the cell's adjoint step; `zero_grads(t)` clears the
 // projections' gradient at a padded token, where the carry just takes in grad_h.
 template <typename Step, typename ZeroGrads>
-void cell_backward_block(const bool* keep, const float* h0, const float* h,
+void cell_backward_block(const bool* keep, const bool* reset, const float* h0, const float* h,
                          const float* grad_h, float* grad_h0, int64_t seq, int64_t dim,
                          int64_t width, const Step& step, const ZeroGrads& zero_grads) {
+  const Resets resets(reset, width);
   float carry[kMaxWidth];
   std::fill(carry, carry + width, 0.0f);
   for (int64_t t = seq - 1; t >= 0; --t) {
     if (keep == nullptr || keep[t]) {
-      step(t, t > 0 ? h + (t - 1) * dim : h0, carry);
+      step(t, resets.prev(t, h, h0, dim), carry);
+      if (resets.at(t)) std::fill(carry, carry + width, 0.0f);
     } else {
       const float* g = grad_h + t * dim;
       for (int64_t d = 0; d < width; ++d) carry[d] += g[d];
@@ -344,14 +368,27 @@ at::Tensor initial_or_zeros(const std::optional<at::Tensor>& initial_state, int6
   return at::zeros({batch, dim}, options);
 }
 
+// A (batch, seq) bool mask as a pointer, or null when absent.
+const bool* mask_or_null(const std::optional<at::Tensor>& mask, const at::Tensor& like,
+                         const char* name) {
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool &&
+                  mask->is_contiguous() && mask->dim() == 2 && mask->size(0) == like.size(0) &&
+                  mask->size(1) == like.size(1),
+              name, " must be a contiguous bool CPU tensor of shape (batch, seq)");
+  return mask->data_ptr<bool>();
+}
+
 at::Tensor scan_forward(const at::Tensor& log_a, const at::Tensor& log_b,
-                        const std::optional<at::Tensor>& initial_state) {
+                        const std::optional<at::Tensor>& initial_state,
+                        const std::optional<at::Tensor>& reset) {
   check_input(log_a, "log_a");
   check_input(log_b, "log_b");
   TORCH_CHECK(log_a.dim() == 3 && log_a.sizes() == log_b.sizes(),
               "log_a and log_b must have the same shape (batch, seq, dim)");
   const at::Tensor h0 =
       initial_or_zeros(initial_state, log_a.size(0), log_a.size(2), log_a.options());
+  const bool* rp = mask_or_null(reset, log_a, "reset");
   at::Tensor h = at::empty_like(log_a);
   const int64_t seq = log_a.size(1), dim = log_a.size(2);
   const float* la = log_a.data_ptr<float>();
@@ -360,15 +397,16 @@ at::Tensor scan_forward(const at::Tensor& log_a, const at::Tensor& log_b,
   float* hp = h.data_ptr<float>();
   for_each_block(log_a.size(0), dim, [&](int64_t b, int64_t d0, int64_t width) {
     const int64_t o = b * seq * dim + d0;
-    forward_block(la + o, lb + o, h0p + b * dim + d0, hp + o, seq, dim, width);
+    forward_block(la + o, lb + o, rp == nullptr ? nullptr : rp + b * seq, h0p + b * dim + d0,
+                  hp + o, seq, dim, width);
   });
   return h;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
     const at::Tensor& log_a, const at::Tensor& log_b,
-    const std::optional<at::Tensor>& initial_state, const at::Tensor& h,
-    const at::Tensor& grad_h) {
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& reset,
+    const at::Tensor& h, const at::Tensor& grad_h) {
   check_input(log_a, "log_a");
   check_input(log_b, "log_b");
   check_input(h, "h");
@@ -378,6 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
               "log_a, log_b, h and grad_h must have the same shape (batch, seq, dim)");
   const at::Tensor h0 =
       initial_or_zeros(initial_state, log_a.size(0), log_a.size(2), log_a.options());
+  const bool* rp = mask_or_null(reset, log_a, "reset");
   at::Tensor grad_log_a = at::empty_like(log_a);
   at::Tensor grad_log_b = at::empty_like(log_b);
   at::Tensor grad_h0 = at::empty_like(h0);
@@ -393,8 +432,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
   for_each_block(log_a.size(0), dim, [&](int64_t b, int64_t d0, int64_t width) {
     const int64_t o = b * seq * dim + d0;
     const int64_t s = b * dim + d0;
-    backward_block(la + o, lb + o, h0p + s, hp + o, gp + o, gla + o, glb + o, gh0 + s,
-                   seq, dim, width);
+    backward_block(la + o, lb + o, rp == nullptr ? nullptr : rp + b * seq, h0p + s, hp + o,
+                   gp + o, gla + o, glb + o, gh0 + s, seq, dim, width);
   });
   return {grad_log_a, grad_log_b, grad_h0};
 }
@@ -414,24 +453,15 @@ int64_t cell_dim(const at::Tensor& projections, int64_t n) {
   return projections.size(2) / n;
 }
 
-const bool* keep_or_null(const std::optional<at::Tensor>& padding_mask,
-                         const at::Tensor& projections) {
-  if (!padding_mask.has_value()) return nullptr;
-  TORCH_CHECK(padding_mask->device().is_cpu() && padding_mask->scalar_type() == at::kBool &&
-                  padding_mask->is_contiguous() && padding_mask->dim() == 2 &&
-                  padding_mask->size(0) == projections.size(0) &&
-                  padding_mask->size(1) == projections.size(1),
-              "padding_mask must be a contiguous bool CPU tensor of shape (batch, seq)");
-  return padding_mask->data_ptr<bool>();
-}
-
 at::Tensor cell_forward(std::string_view cell_type, const at::Tensor& projections,
                         const std::optional<at::Tensor>& padding_mask,
-                        const std::optional<at::Tensor>& initial_state) {
+                        const std::optional<at::Tensor>& initial_state,
+                        const std::optional<at::Tensor>& reset) {
   const int64_t n = cell_projections(cell_type);
   const int64_t dim = cell_dim(projections, n);
   const int64_t batch = projections.size(0), seq = projections.size(1);
-  const bool* keep = keep_or_null(padding_mask, projections);
+  const bool* keep = mask_or_null(padding_mask, projections, "padding_mask");
+  const bool* rp = mask_or_null(reset, projections, "reset");
   const at::Tensor h0 = initial_or_zeros(initial_state, batch, dim, projections.options());
   at::Tensor h = at::empty({batch, seq, dim}, projections.options());
   const float* pp = projections.data_ptr<float>();
@@ -440,16 +470,17 @@ at::Tensor cell_forward(std::string_view cell_type, const at::Tensor& projection
   for_each_block(batch, dim, [&](int64_t b, int64_t d0, int64_t width) {
     const float* p = pp + b * seq * n * dim + d0;
     const bool* kb = keep == nullptr ? nullptr : keep + b * seq;
+    const bool* rb = rp == nullptr ? nullptr : rp + b * seq;
     float* hb = hp + b * seq * dim + d0;
     const float* h0b = h0p + b * dim + d0;
     if (n == 2) {
-      cell_forward_block(kb, h0b, hb, seq, dim, width,
+      cell_forward_block(kb, rb, h0b, hb, seq, dim, width,
                          [&](int64_t t, const float* h_prev, float* h_t) {
                            const float* row = p + t * n * dim;
                            mingru_forward_step(row, row + dim, h_prev, h_t, width);
                          });
     } else {
-      cell_forward_block(kb, h0b, hb, seq, dim, width,
+      cell_forward_block(kb, rb, h0b, hb, seq, dim, width,
                          [&](int64_t t, const float* h_prev, float* h_t) {
                            const float* row = p + t * n * dim;
                            minlstm_forward_step(row, row + dim, row + 2 * dim, h_prev, h_t,
@@ -464,6 +495,7 @@ std::tuple<at::Tensor, at::Tensor> cell_backward(std::string_view cell_type,
                                                  const at::Tensor& projections,
                                                  const std::optional<at::Tensor>& padding_mask,
                                                  const std::optional<at::Tensor>& initial_state,
+                                                 const std::optional<at::Tensor>& reset,
                                                  const at::Tensor& h, const at::Tensor& grad_h) {
   const int64_t n = cell_projections(cell_type);
   const int64_t dim = cell_dim(projections, n);
@@ -473,7 +505,8 @@ std::tuple<at::Tensor, at::Tensor> cell_backward(std::string_view cell_type,
   TORCH_CHECK(h.sizes() == grad_h.sizes() && h.dim() == 3 && h.size(0) == batch &&
                   h.size(1) == seq && h.size(2) == dim,
               "h and grad_h must have shape (batch, seq, dim)");
-  const bool* keep = keep_or_null(padding_mask, projections);
+  const bool* keep = mask_or_null(padding_mask, projections, "padding_mask");
+  const bool* rp = mask_or_null(reset, projections, "reset");
   const at::Tensor h0 = initial_or_zeros(initial_state, batch, dim, projections.options());
   at::Tensor grad_projections = at::empty_like(projections);
   at::Tensor grad_h0 = at::empty_like(h0);
@@ -488,6 +521,7 @@ std::tuple<at::Tensor, at::Tensor> cell_backward(std::string_view cell_type,
     const float* p = pp + b * seq * n * dim + d0;
     float* gproj = gpp + b * seq * n * dim + d0;
     const bool* kb = keep == nullptr ? nullptr : keep + b * seq;
+    const bool* rb = rp == nullptr ? nullptr : rp + b * seq;
     const auto zero_grads = [&](int64_t t) {
       for (int64_t c = 0; c < n; ++c) {
         float* row = gproj + t * n * dim + c * dim;
@@ -496,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor> cell_backward(std::string_view cell_type,
     };
     if (n == 2) {
       cell_backward_block(
-          kb, h0p + b * dim + d0, hp + o, gp + o, gh0 + b * dim + d0, seq, dim, width,
+          kb, rb, h0p + b * dim + d0, hp + o, gp + o, gh0 + b * dim + d0, seq, dim, width,
           [&](int64_t t, const float* h_prev, float* carry) {
             const float* row = p + t * n * dim;
             float* grad_row = gproj + t * n * dim;
@@ -506,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor> cell_backward(std::string_view cell_type,
           zero_grads);
     } else {
       cell_backward_block(
-          kb, h0p + b * dim + d0, hp + o, gp + o, gh0 + b * dim + d0, seq, dim, width,
+          kb, rb, h0p + b * dim + d0, hp + o, gp + o, gh0 + b * dim + d0, seq, dim, width,
           [&](int64_t t, const float* h_prev, float* carry) {
             const float* row = p + t * n * dim;
             float* grad_row = gproj + t * n * dim;
@@ -521,21 +555,23 @@ std::tuple<at::Tensor, at::Tensor> cell_backward(std::string_view cell_type,
 
 // Shapes only, so that torch.compile can trace through the autograd.Function.
 at::Tensor scan_forward_meta(const at::Tensor& log_a, const at::Tensor& log_b,
-                             const std::optional<at::Tensor>& initial_state) {
+                             const std::optional<at::Tensor>& initial_state,
+                             const std::optional<at::Tensor>& reset) {
   return at::empty_like(log_a);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward_meta(
     const at::Tensor& log_a, const at::Tensor& log_b,
-    const std::optional<at::Tensor>& initial_state, const at::Tensor& h,
-    const at::Tensor& grad_h) {
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& reset,
+    const at::Tensor& h, const at::Tensor& grad_h) {
   return {at::empty_like(log_a), at::empty_like(log_b),
           at::empty({log_a.size(0), log_a.size(2)}, log_a.options())};
 }
 
 at::Tensor cell_forward_meta(std::string_view cell_type, const at::Tensor& projections,
                              const std::optional<at::Tensor>& padding_mask,
-                             const std::optional<at::Tensor>& initial_state) {
+                             const std::optional<at::Tensor>& initial_state,
+                             const std::optional<at::Tensor>& reset) {
   const int64_t dim = projections.size(2) / cell_projections(cell_type);
   return at::empty({projections.size(0), projections.size(1), dim}, projections.options());
 }
@@ -543,7 +579,7 @@ at::Tensor cell_forward_meta(std::string_view cell_type, const at::Tensor& proje
 std::tuple<at::Tensor, at::Tensor> cell_backward_meta(
     std::string_view cell_type, const at::Tensor& projections,
     const std::optional<at::Tensor>& padding_mask, const std::optional<at::Tensor>& initial_state,
-    const at::Tensor& h, const at::Tensor& grad_h) {
+    const std::optional<at::Tensor>& reset, const at::Tensor& h, const at::Tensor& grad_h) {
   const int64_t dim = projections.size(2) / cell_projections(cell_type);
   return {at::empty_like(projections), at::empty({projections.size(0), dim}, projections.options())};
 }
@@ -551,13 +587,13 @@ std::tuple<at::Tensor, at::Tensor> cell_backward_meta(
 }  // namespace
 
 TORCH_LIBRARY({namespace}, m) {
-  m.def("forward(Tensor log_a, Tensor log_b, Tensor? initial_state) -> Tensor");
-  m.def("backward(Tensor log_a, Tensor log_b, Tensor? initial_state, Tensor h, "
+  m.def("forward(Tensor log_a, Tensor log_b, Tensor? initial_state, Tensor? reset) -> Tensor");
+  m.def("backward(Tensor log_a, Tensor log_b, Tensor? initial_state, Tensor? reset, Tensor h, "
         "Tensor grad_h) -> (Tensor, Tensor, Tensor)");
   m.def("cell_forward(str cell_type, Tensor projections, Tensor? padding_mask, "
-        "Tensor? initial_state) -> Tensor");
+        "Tensor? initial_state, Tensor? reset) -> Tensor");
   m.def("cell_backward(str cell_type, Tensor projections, Tensor? padding_mask, "
-        "Tensor? initial_state, Tensor h, Tensor grad_h) -> (Tensor, Tensor)");
+        "Tensor? initial_state, Tensor? reset, Tensor h, Tensor grad_h) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL({namespace}, CPU, m) {
@@ -596,31 +632,60 @@ def _failure_reason(error: Exception) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
+def _extension_name() -> str:
+    """A name unique to this source, the flags and the torch version (the cache key of the build)."""
+    key = "\n".join([_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__])
+    return "minrnn_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _cached_library(namespace: str) -> str:
+    """Where torch's JIT build puts (or has put) the compiled library for ``namespace``."""
+    # torch's own rule for the folder (TORCH_EXTENSIONS_DIR, else a per-Python/accelerator folder in its cache).
+    from torch.utils.cpp_extension import LIB_EXT, _get_build_directory
+
+    return os.path.join(_get_build_directory(namespace, verbose=False), namespace + LIB_EXT)
+
+
 def _load_ops():
-    """Builds (first time on this machine, ~10-60 s) or loads the extension; None on failure."""
+    """Builds (first time on this machine, ~10-60 s) or loads the extension; None on failure.
+
+    A build logs one line before and one after: it is the only silent minute a new user (or a Hub user with
+    ``trust_remote_code``) would otherwise meet on the first forward. Loading a cached build logs nothing.
+    """
     global _ops, _load_failed
     with _lock:
         if _ops is None and not _load_failed:
-            key = "\n".join([_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__])
-            namespace = "minrnn_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+            namespace = _extension_name()
             # torch logs its own multi-line compiler warnings; the one line below replaces them.
             torch_logger = pylogging.getLogger("torch.utils.cpp_extension")
             level = torch_logger.level
             torch_logger.setLevel(pylogging.ERROR)
+            start, building = time.perf_counter(), False
             try:
                 from torch.utils.cpp_extension import load_inline
 
+                library = _cached_library(namespace)
+                if not os.path.isfile(library):
+                    building = True
+                    # WARNING: the level transformers users see by default (its logging starts at WARNING).
+                    logger.warning(
+                        "minrnn: compiling the native CPU scan kernel (first use on this machine, ~30 s; "
+                        f"cached in {os.path.dirname(library)}; build ahead with `python -m modeling_minrnn.build_kernel`)"
+                    )
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     load_inline(
                         name=namespace,
                         cpp_sources=[_CPP_SOURCE.replace("{namespace}", namespace)],
-                        extra_cflags=_CFLAGS,
-                        extra_ldflags=_LDFLAGS,
+                        # Copies: load_inline appends torch's libraries to the lists it is given.
+                        extra_cflags=list(_CFLAGS),
+                        extra_ldflags=list(_LDFLAGS),
                         is_python_module=False,
                         no_implicit_headers=True,
                     )
                 _ops = getattr(torch.ops, namespace)
+                if building:
+                    logger.warning(f"minrnn: native CPU scan kernel compiled in {time.perf_counter() - start:.1f} s")
             except Exception as error:  # noqa: BLE001 (no compiler, headers, ninja, setuptools, ...: never raise)
                 _load_failed = True
                 logger.warning(
@@ -647,17 +712,19 @@ class _CpuScan(torch.autograd.Function):
     """Autograd wrapper over the native kernels; inputs are contiguous fp32 CPU tensors."""
 
     @staticmethod
-    def forward(ctx, log_a, log_b, initial_state):
-        h = _ops.forward(log_a, log_b, initial_state)
-        ctx.save_for_backward(log_a, log_b, initial_state, h)
+    def forward(ctx, log_a, log_b, initial_state, reset):
+        h = _ops.forward(log_a, log_b, initial_state, reset)
+        ctx.save_for_backward(log_a, log_b, initial_state, reset, h)
         return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h):
-        log_a, log_b, initial_state, h = ctx.saved_tensors
-        grad_log_a, grad_log_b, grad_initial = _ops.backward(log_a, log_b, initial_state, h, grad_h.contiguous())
-        return grad_log_a, grad_log_b, grad_initial if initial_state is not None else None
+        log_a, log_b, initial_state, reset, h = ctx.saved_tensors
+        grad_log_a, grad_log_b, grad_initial = _ops.backward(
+            log_a, log_b, initial_state, reset, h, grad_h.contiguous()
+        )
+        return grad_log_a, grad_log_b, grad_initial if initial_state is not None else None, None
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple) -> None:
@@ -671,13 +738,32 @@ def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"`{name}` must have shape {shape}, got {tuple(tensor.shape)}")
 
 
-def cpu_scan(log_a: torch.Tensor, log_b: torch.Tensor, initial_state: torch.Tensor | None = None) -> torch.Tensor:
+def _check_mask(name: str, mask: torch.Tensor | None, shape: tuple) -> torch.Tensor | None:
+    """A `(batch, seq)` bool mask as the kernels take it (contiguous, on the CPU), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"`{name}` must be a bool tensor, got {kind}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"`{name}` must have shape {shape}, got {tuple(mask.shape)}")
+    return mask.to("cpu").contiguous()
+
+
+def cpu_scan(
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+) -> torch.Tensor:
     """All states of ``h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)`` with the native kernel.
 
     Args:
         log_a: (batch, seq, dim) log decay, any float dtype; computed in fp32.
         log_b: (batch, seq, dim) log input; ``-inf`` (padding) contributes exactly 0.
         initial_state: (batch, dim) state before the first step, or None for zeros.
+        reset: (batch, seq) bool, True where a new sequence starts (``h_t = exp(log_b_t)``: the state before it,
+            the initial state included, is dropped), or None.
 
     Returns:
         h: (batch, seq, dim) fp32; the final state is ``h[:, -1]``. Differentiable in
@@ -686,9 +772,10 @@ def cpu_scan(log_a: torch.Tensor, log_b: torch.Tensor, initial_state: torch.Tens
     if not isinstance(log_a, torch.Tensor) or log_a.dim() != 3:
         shape = tuple(log_a.shape) if isinstance(log_a, torch.Tensor) else type(log_a).__name__
         raise ValueError(f"`log_a` must be a tensor of shape (batch, seq, dim), got {shape}")
-    batch, _, dim = log_a.shape
+    batch, seq, dim = log_a.shape
     _check_tensor("log_a", log_a, tuple(log_a.shape))
     _check_tensor("log_b", log_b, tuple(log_a.shape))
+    reset = _check_mask("reset", reset, (batch, seq))
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, (batch, dim))
         initial_state = initial_state.float().contiguous()
@@ -697,7 +784,7 @@ def cpu_scan(log_a: torch.Tensor, log_b: torch.Tensor, initial_state: torch.Tens
             "cpu_scan: the native CPU extension is not available (see the warning above, or "
             f"{_DISABLE_ENV} is set); check cpu_scan_available() and use a PyTorch backend"
         )
-    return _CpuScan.apply(log_a.float().contiguous(), log_b.float().contiguous(), initial_state)
+    return _CpuScan.apply(log_a.float().contiguous(), log_b.float().contiguous(), initial_state, reset)
 
 
 _CELL_PROJECTIONS = {"mingru": 2, "minlstm": 3}
@@ -707,21 +794,21 @@ class _CpuCellScan(torch.autograd.Function):
     """Autograd wrapper over the fused cell kernels; inputs are contiguous CPU tensors (fp32, bool mask)."""
 
     @staticmethod
-    def forward(ctx, cell_type, projections, padding_mask, initial_state):
-        h = _ops.cell_forward(cell_type, projections, padding_mask, initial_state)
+    def forward(ctx, cell_type, projections, padding_mask, initial_state, reset):
+        h = _ops.cell_forward(cell_type, projections, padding_mask, initial_state, reset)
         ctx.cell_type = cell_type
         # Only the projections and h: the backward recomputes the gates, which is cheaper than storing them.
-        ctx.save_for_backward(projections, padding_mask, initial_state, h)
+        ctx.save_for_backward(projections, padding_mask, initial_state, reset, h)
         return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h):
-        projections, padding_mask, initial_state, h = ctx.saved_tensors
+        projections, padding_mask, initial_state, reset, h = ctx.saved_tensors
         grad_projections, grad_initial = _ops.cell_backward(
-            ctx.cell_type, projections, padding_mask, initial_state, h, grad_h.contiguous()
+            ctx.cell_type, projections, padding_mask, initial_state, reset, h, grad_h.contiguous()
         )
-        return None, grad_projections, None, grad_initial if initial_state is not None else None
+        return None, grad_projections, None, grad_initial if initial_state is not None else None, None
 
 
 def cpu_cell_scan(
@@ -729,6 +816,7 @@ def cpu_cell_scan(
     projections: torch.Tensor,
     padding_mask: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A whole minGRU or minLSTM cell in one native pass: gates from the input projections, then the recurrence.
 
@@ -744,6 +832,9 @@ def cpu_cell_scan(
         padding_mask: (batch, seq) bool, True at real tokens, or None. At padding the state passes through
             unchanged and the projections get a zero gradient.
         initial_state: (batch, dim) state before the first step, or None for zeros.
+        reset: (batch, seq) bool, True where a new sequence starts: that token's step starts from a zero state
+            (the state before it, the initial state included, is dropped), or None. A padded token passes the
+            state through even where ``reset`` is True.
 
     Returns:
         h: (batch, seq, dim) fp32; the final state is ``h[:, -1]``. Differentiable in ``projections`` and
@@ -759,13 +850,8 @@ def cpu_cell_scan(
         )
     batch, seq, width = projections.shape
     _check_tensor("projections", projections, (batch, seq, width))
-    if padding_mask is not None:
-        if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
-            kind = padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
-            raise ValueError(f"`padding_mask` must be a bool tensor (True = real token), got {kind}")
-        if tuple(padding_mask.shape) != (batch, seq):
-            raise ValueError(f"`padding_mask` must have shape {(batch, seq)}, got {tuple(padding_mask.shape)}")
-        padding_mask = padding_mask.to("cpu").contiguous()
+    padding_mask = _check_mask("padding_mask", padding_mask, (batch, seq))
+    reset = _check_mask("reset", reset, (batch, seq))
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, (batch, width // n))
         initial_state = initial_state.float().contiguous()
@@ -774,4 +860,4 @@ def cpu_cell_scan(
             "cpu_cell_scan: the native CPU extension is not available (see the warning above, or "
             f"{_DISABLE_ENV} is set); check cpu_scan_available() and use the PyTorch gates with a PyTorch backend"
         )
-    return _CpuCellScan.apply(cell_type, projections.float().contiguous(), padding_mask, initial_state)
+    return _CpuCellScan.apply(cell_type, projections.float().contiguous(), padding_mask, initial_state, reset)

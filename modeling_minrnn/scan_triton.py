@@ -16,6 +16,8 @@ Two variants of one kernel family, forward and backward:
 All arithmetic is in fp32 in linear space (the tile scan combines `(a, b)` pairs, never `exp(cumsum(log_a))`), so
 nothing drifts with the length. Inputs may be fp16/bf16/fp32; states are fp32; gradients come back in the dtype of
 the input they belong to. `log_b = -inf` (padding) gives `b = 0`: exactly no contribution and a zero gradient.
+A sequence start (`reset`, packed sequences) sets `a = 0` where it is loaded, so neither the forward state nor the
+backward's adjoint crosses it; a chunk holding one has total decay 0, so pass (2) needs no change.
 
 The backward pass is the same recurrence run backwards in time, `dh_t = g_t + a_{t+1} dh_{t+1}`, followed by
 `d log_a_t = dh_t a_t h_{t-1}`, `d log_b_t = dh_t b_t` and `d h_0 = a_1 dh_1` (1-based), computed in the tiles.
@@ -97,10 +99,18 @@ if _HAS_TRITON:
         return state
 
     @triton.jit
-    def _forward_kernel(x_ptr, y_ptr, h0_ptr, chunk_state_ptr, out_ptr, decay_ptr, end_ptr, seq, dim, chunk_size,
-                        LOG_SPACE: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
-                        HAS_CHUNK_STATE: tl.constexpr, STORE_STATES: tl.constexpr, STORE_SUMMARY: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _reset_decay(a, reset_ptr, batch, seq, times, in_range, HAS_RESET: tl.constexpr):
+        """`a` with its rows at sequence starts (`reset`, (batch, seq) uint8) set to 0."""
+        if HAS_RESET:
+            starts = tl.load(reset_ptr + batch * seq + times, mask=in_range, other=0)
+            a = tl.where((starts != 0)[:, None], 0.0, a)
+        return a
+
+    @triton.jit
+    def _forward_kernel(x_ptr, y_ptr, h0_ptr, chunk_state_ptr, reset_ptr, out_ptr, decay_ptr, end_ptr, seq, dim,
+                        chunk_size, LOG_SPACE: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
+                        HAS_CHUNK_STATE: tl.constexpr, HAS_RESET: tl.constexpr, STORE_STATES: tl.constexpr,
+                        STORE_SUMMARY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """Scan `h = a h + b` over one chunk of one (batch, channel block), grid (channel blocks, batch, chunks).
 
         LOG_SPACE: `(x, y)` are `(log a, log b)`, else `(a, b)` themselves (the pass-2 scan over chunk summaries).
@@ -124,7 +134,8 @@ if _HAS_TRITON:
         for i in range(num_tiles):
             tile = num_tiles - 1 - i if REVERSE else i
             times = _tile_times(chunk_start, tile, REVERSE, BLOCK_T)
-            mask = ((times >= chunk_start) & (times < chunk_end))[:, None] & channel_mask[None, :]
+            in_chunk = (times >= chunk_start) & (times < chunk_end)
+            mask = in_chunk[:, None] & channel_mask[None, :]
             offsets = base + times.to(tl.int64)[:, None] * dim
             # Masked rows load the identity step: a = 1 (log a = 0), b = 0 (log b = -inf).
             if LOG_SPACE:
@@ -133,6 +144,7 @@ if _HAS_TRITON:
             else:
                 a = tl.load(x_ptr + offsets, mask=mask, other=1.0).to(tl.float32)
                 b = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            a = _reset_decay(a, reset_ptr, batch, seq, times, in_chunk, HAS_RESET)
             states, tile_decay, carry = _scan_tile(a, b, carry, BLOCK_T)
             total_decay *= tile_decay
             if STORE_STATES:
@@ -143,10 +155,10 @@ if _HAS_TRITON:
             tl.store(end_ptr + summary, carry, mask=channel_mask)
 
     @triton.jit
-    def _backward_kernel(log_a_ptr, log_b_ptr, h_ptr, h0_ptr, grad_ptr, chunk_state_ptr, d_log_a_ptr, d_log_b_ptr,
-                         d_h0_ptr, decay_ptr, end_ptr, seq, dim, chunk_size, HAS_H0: tl.constexpr,
-                         HAS_CHUNK_STATE: tl.constexpr, STORE_GRADS: tl.constexpr, STORE_SUMMARY: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _backward_kernel(log_a_ptr, log_b_ptr, h_ptr, h0_ptr, grad_ptr, chunk_state_ptr, reset_ptr, d_log_a_ptr,
+                         d_log_b_ptr, d_h0_ptr, decay_ptr, end_ptr, seq, dim, chunk_size, HAS_H0: tl.constexpr,
+                         HAS_CHUNK_STATE: tl.constexpr, HAS_RESET: tl.constexpr, STORE_GRADS: tl.constexpr,
+                         STORE_SUMMARY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """Reverse scan `dh_t = g_t + a_{t+1} dh_{t+1}` over one chunk, grid (channel blocks, batch, chunks).
 
         The carry is `dh` at the chunk's first step. STORE_GRADS turns each tile's `dh` into the input gradients
@@ -175,13 +187,16 @@ if _HAS_TRITON:
             offsets = base + times.to(tl.int64)[:, None] * dim
             # Step t of the reverse scan multiplies by a_{t+1}, which may lie in the next chunk; past the sequence
             # end and on masked rows it is the identity (log a = 0).
-            next_mask = (in_chunk & (times + 1 < seq))[:, None] & channel_mask[None, :]
+            has_next = in_chunk & (times + 1 < seq)
+            next_mask = has_next[:, None] & channel_mask[None, :]
             a_next = tl.exp(tl.load(log_a_ptr + offsets + dim, mask=next_mask, other=0.0).to(tl.float32))
+            a_next = _reset_decay(a_next, reset_ptr, batch, seq, times + 1, has_next, HAS_RESET)
             g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             dh, tile_decay, carry = _scan_tile(a_next, g, carry, BLOCK_T)
             total_decay *= tile_decay
             if STORE_GRADS:
                 a = tl.exp(tl.load(log_a_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
+                a = _reset_decay(a, reset_ptr, batch, seq, times, in_chunk, HAS_RESET)
                 b = tl.exp(tl.load(log_b_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32))
                 h_prev = tl.load(h_ptr + offsets - dim, mask=mask & (times >= 1)[:, None], other=0.0)
                 if HAS_H0:
@@ -194,6 +209,8 @@ if _HAS_TRITON:
             if chunk == 0:
                 a_first = tl.exp(tl.load(log_a_ptr + batch * seq * dim + channels, mask=channel_mask,
                                          other=0.0).to(tl.float32))
+                if HAS_RESET:
+                    a_first = tl.where(tl.load(reset_ptr + batch * seq) != 0, 0.0, a_first)
                 tl.store(d_h0_ptr + batch * dim + channels, a_first * carry, mask=channel_mask)
         if STORE_SUMMARY:
             summary = (batch * num_chunks + chunk) * dim + channels
@@ -240,81 +257,87 @@ def _device_scope(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _forward(log_a, log_b, initial_state, chunk_size):
-    """States `(batch, seq, dim)` fp32; `chunk_size` None runs the fused kernel, else the three chunked passes."""
+def _forward(log_a, log_b, initial_state, reset, chunk_size):
+    """States `(batch, seq, dim)` fp32; `chunk_size` None runs the fused kernel, else the three chunked passes.
+    `reset` is a `(batch, seq)` uint8 view of the bool mask, or None."""
     batch, seq, dim = log_a.shape
     h = torch.empty(batch, seq, dim, device=log_a.device, dtype=torch.float32)
     flags = {"REVERSE": False, "HAS_H0": initial_state is not None}
+    has_reset = reset is not None
     if chunk_size is None or chunk_size >= seq:
-        _launch(_forward_kernel, batch, dim, 1, seq, log_a, log_b, initial_state, None, h, None, None, seq, dim, seq,
-                LOG_SPACE=True, HAS_CHUNK_STATE=False, STORE_STATES=True, STORE_SUMMARY=False, **flags)
+        _launch(_forward_kernel, batch, dim, 1, seq, log_a, log_b, initial_state, None, reset, h, None, None, seq, dim,
+                seq, LOG_SPACE=True, HAS_CHUNK_STATE=False, HAS_RESET=has_reset, STORE_STATES=True,
+                STORE_SUMMARY=False, **flags)
         return h
     num_chunks = _cdiv(seq, chunk_size)
     decay = torch.empty(batch, num_chunks, dim, device=log_a.device, dtype=torch.float32)
     chunk_state = torch.empty_like(decay)
     # (1) each chunk from a zero state: its total decay and end state.
-    _launch(_forward_kernel, batch, dim, num_chunks, chunk_size, log_a, log_b, None, None, None, decay, chunk_state,
-            seq, dim, chunk_size, LOG_SPACE=True, REVERSE=False, HAS_H0=False, HAS_CHUNK_STATE=False,
-            STORE_STATES=False, STORE_SUMMARY=True)
+    _launch(_forward_kernel, batch, dim, num_chunks, chunk_size, log_a, log_b, None, None, reset, None, decay,
+            chunk_state, seq, dim, chunk_size, LOG_SPACE=True, REVERSE=False, HAS_H0=False, HAS_CHUNK_STATE=False,
+            HAS_RESET=has_reset, STORE_STATES=False, STORE_SUMMARY=True)
     # (2) the same recurrence over chunks, in place: chunk_state[c] becomes the true state after chunk c.
-    _launch(_forward_kernel, batch, dim, 1, num_chunks, decay, chunk_state, initial_state, None, chunk_state, None,
-            None, num_chunks, dim, num_chunks, LOG_SPACE=False, HAS_CHUNK_STATE=False, STORE_STATES=True,
-            STORE_SUMMARY=False, **flags)
+    _launch(_forward_kernel, batch, dim, 1, num_chunks, decay, chunk_state, initial_state, None, None, chunk_state,
+            None, None, num_chunks, dim, num_chunks, LOG_SPACE=False, HAS_CHUNK_STATE=False, HAS_RESET=False,
+            STORE_STATES=True, STORE_SUMMARY=False, **flags)
     # (3) each chunk again, from the state after the chunk before it.
-    _launch(_forward_kernel, batch, dim, num_chunks, chunk_size, log_a, log_b, initial_state, chunk_state, h, None,
-            None, seq, dim, chunk_size, LOG_SPACE=True, HAS_CHUNK_STATE=True, STORE_STATES=True, STORE_SUMMARY=False,
-            **flags)
+    _launch(_forward_kernel, batch, dim, num_chunks, chunk_size, log_a, log_b, initial_state, chunk_state, reset, h,
+            None, None, seq, dim, chunk_size, LOG_SPACE=True, HAS_CHUNK_STATE=True, HAS_RESET=has_reset,
+            STORE_STATES=True, STORE_SUMMARY=False, **flags)
     return h
 
 
-def _backward(grad_h, log_a, log_b, initial_state, h, chunk_size):
+def _backward(grad_h, log_a, log_b, initial_state, reset, h, chunk_size):
     """Gradients of `_forward` for the upstream `grad_h` (batch, seq, dim), each in its input's dtype."""
     batch, seq, dim = log_a.shape
     d_log_a = torch.empty_like(log_a)
     d_log_b = torch.empty_like(log_b)
     has_h0 = initial_state is not None
+    has_reset = reset is not None
     d_h0 = torch.empty_like(initial_state) if has_h0 else None
     if chunk_size is None or chunk_size >= seq:
-        _launch(_backward_kernel, batch, dim, 1, seq, log_a, log_b, h, initial_state, grad_h, None, d_log_a, d_log_b,
-                d_h0, None, None, seq, dim, seq, HAS_H0=has_h0, HAS_CHUNK_STATE=False, STORE_GRADS=True,
-                STORE_SUMMARY=False)
+        _launch(_backward_kernel, batch, dim, 1, seq, log_a, log_b, h, initial_state, grad_h, None, reset, d_log_a,
+                d_log_b, d_h0, None, None, seq, dim, seq, HAS_H0=has_h0, HAS_CHUNK_STATE=False, HAS_RESET=has_reset,
+                STORE_GRADS=True, STORE_SUMMARY=False)
         return d_log_a, d_log_b, d_h0
     num_chunks = _cdiv(seq, chunk_size)
     decay = torch.empty(batch, num_chunks, dim, device=log_a.device, dtype=torch.float32)
     chunk_state = torch.empty_like(decay)
     # (1) each chunk from a zero carry: its total decay and dh at its first step.
-    _launch(_backward_kernel, batch, dim, num_chunks, chunk_size, log_a, None, None, None, grad_h, None, None, None,
-            None, decay, chunk_state, seq, dim, chunk_size, HAS_H0=False, HAS_CHUNK_STATE=False, STORE_GRADS=False,
-            STORE_SUMMARY=True)
+    _launch(_backward_kernel, batch, dim, num_chunks, chunk_size, log_a, None, None, None, grad_h, None, reset, None,
+            None, None, decay, chunk_state, seq, dim, chunk_size, HAS_H0=False, HAS_CHUNK_STATE=False,
+            HAS_RESET=has_reset, STORE_GRADS=False, STORE_SUMMARY=True)
     # (2) over chunks from the last one back, in place: chunk_state[c] becomes the true dh at chunk c's first step.
-    _launch(_forward_kernel, batch, dim, 1, num_chunks, decay, chunk_state, None, None, chunk_state, None, None,
-            num_chunks, dim, num_chunks, LOG_SPACE=False, REVERSE=True, HAS_H0=False, HAS_CHUNK_STATE=False,
-            STORE_STATES=True, STORE_SUMMARY=False)
+    _launch(_forward_kernel, batch, dim, 1, num_chunks, decay, chunk_state, None, None, None, chunk_state, None,
+            None, num_chunks, dim, num_chunks, LOG_SPACE=False, REVERSE=True, HAS_H0=False, HAS_CHUNK_STATE=False,
+            HAS_RESET=False, STORE_STATES=True, STORE_SUMMARY=False)
     # (3) each chunk again from the dh of the chunk after it, turning dh into the gradients.
     _launch(_backward_kernel, batch, dim, num_chunks, chunk_size, log_a, log_b, h, initial_state, grad_h, chunk_state,
-            d_log_a, d_log_b, d_h0, None, None, seq, dim, chunk_size, HAS_H0=has_h0, HAS_CHUNK_STATE=True,
-            STORE_GRADS=True, STORE_SUMMARY=False)
+            reset, d_log_a, d_log_b, d_h0, None, None, seq, dim, chunk_size, HAS_H0=has_h0, HAS_CHUNK_STATE=True,
+            HAS_RESET=has_reset, STORE_GRADS=True, STORE_SUMMARY=False)
     return d_log_a, d_log_b, d_h0
 
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, log_a, log_b, initial_state, chunk_size):
+    def forward(ctx, log_a, log_b, initial_state, reset, chunk_size):
         with _device_scope(log_a):
-            h = _forward(log_a, log_b, initial_state, chunk_size)
-        ctx.save_for_backward(log_a, log_b, initial_state, h)
+            h = _forward(log_a, log_b, initial_state, reset, chunk_size)
+        ctx.save_for_backward(log_a, log_b, initial_state, reset, h)
         ctx.chunk_size = chunk_size
         return h
 
     @staticmethod
     def backward(ctx, grad_h):
-        log_a, log_b, initial_state, h = ctx.saved_tensors
+        log_a, log_b, initial_state, reset, h = ctx.saved_tensors
         with _device_scope(log_a):
-            d_log_a, d_log_b, d_h0 = _backward(grad_h.contiguous(), log_a, log_b, initial_state, h, ctx.chunk_size)
-        return d_log_a, d_log_b, d_h0, None
+            d_log_a, d_log_b, d_h0 = _backward(
+                grad_h.contiguous(), log_a, log_b, initial_state, reset, h, ctx.chunk_size
+            )
+        return d_log_a, d_log_b, d_h0, None, None
 
 
-def triton_scan(log_a, log_b, initial_state=None, chunked=None, chunk_size=None):
+def triton_scan(log_a, log_b, initial_state=None, chunked=None, chunk_size=None, reset=None):
     """`h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)` with Triton kernels, differentiable.
 
     Args:
@@ -323,6 +346,8 @@ def triton_scan(log_a, log_b, initial_state=None, chunked=None, chunk_size=None)
         chunked: True/False forces the chunked/fused kernels; None picks chunked when batch x channel blocks are
             too few to fill the GPU and the sequence is long enough to split.
         chunk_size: time steps per chunk for the chunked kernels (implies chunked); None picks one.
+        reset: `(batch, seq)` bool on `log_a`'s device, True where a new sequence starts (`a = 0` there: the state
+            before it, the initial state included, is dropped), or None.
     Returns:
         `(batch, seq, dim)` fp32 states.
     """
@@ -348,6 +373,16 @@ def triton_scan(log_a, log_b, initial_state=None, chunked=None, chunk_size=None)
         raise ValueError(
             f"`initial_state` must have shape (batch, dim) = {(batch, dim)}; got {tuple(initial_state.shape)}."
         )
+    if reset is not None:
+        if reset.dtype != torch.bool or tuple(reset.shape) != (batch, seq):
+            raise ValueError(
+                f"`reset` must be a bool tensor of shape (batch, seq) = {(batch, seq)}; got {reset.dtype} "
+                f"{tuple(reset.shape)}."
+            )
+        if reset.device != log_a.device:
+            raise ValueError(f"`reset` is on {reset.device} but `log_a` is on {log_a.device}.")
+        # The same bytes viewed as uint8, which the kernels load and compare with 0 (no copy).
+        reset = reset.contiguous().view(torch.uint8)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
@@ -365,4 +400,4 @@ def triton_scan(log_a, log_b, initial_state=None, chunked=None, chunk_size=None)
         if chunk_size is None and chunked:
             chunk_size = _cdiv(seq, 2)
     return _TritonScan.apply(log_a.contiguous(), log_b.contiguous(),
-                             None if initial_state is None else initial_state.contiguous(), chunk_size)
+                             None if initial_state is None else initial_state.contiguous(), reset, chunk_size)

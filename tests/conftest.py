@@ -13,16 +13,20 @@ if ROOT not in sys.path:
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def reference_scan(log_a, log_b, initial_state=None):
+def reference_scan(log_a, log_b, initial_state=None, reset=None):
     """`h_t = exp(log_a_t) h_{t-1} + exp(log_b_t)` one step at a time in float64; autograd gives the gradients.
 
+    Where `reset` `(batch, seq)` is True a new sequence starts: `h_t = exp(log_b_t)`, nothing before it counts.
     The independent definition every scan backend is tested against.
     """
     a, b = log_a.double().exp(), log_b.double().exp()
     h = a.new_zeros(a.shape[0], a.shape[2]) if initial_state is None else initial_state.double()
     states = []
     for t in range(a.shape[1]):
-        h = a[:, t] * h + b[:, t]
+        carried = a[:, t] * h
+        if reset is not None:
+            carried = torch.where(reset[:, t, None], 0.0, carried)
+        h = carried + b[:, t]
         states.append(h)
     return torch.stack(states, dim=1)
 

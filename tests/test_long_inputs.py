@@ -72,13 +72,9 @@ def test_generate_continues_from_a_chunked_prefill():
     assert torch.equal(continued[:, 1:], expected[:, input_ids.shape[1]:])
 
 
-@pytest.mark.xfail(
-    raises=ValueError, strict=False,
-    reason="transformers 5.24: generate(prefill_chunk_size=...) calls cache.get_seq_length(), which raises for a "
-    "cache of linear-attention layers only; use the chunked forward loop above",
-)
 @torch.no_grad()
 def test_generate_prefill_chunk_size():
+    """transformers' own chunked prefill: generate() builds a `MinRNNCache`, whose `get_seq_length` it needs."""
     model = small_model()
     input_ids = torch.randint(0, VOCAB, (1, 5000), generator=torch.Generator().manual_seed(3))
     expected = model.generate(input_ids, max_new_tokens=8, do_sample=False, pad_token_id=0)

@@ -56,14 +56,20 @@ def test_every_scan_backend_gives_the_same_model(backend):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_deprecated_past_key_values_name_still_carries_the_state():
+@pytest.mark.parametrize("old_name", ["past_key_values", "cache_params"])
+@pytest.mark.parametrize("with_head", [False, True], ids=["MinRNNModel", "MinRNNForCausalLM"])
+def test_deprecated_cache_names_carry_the_state_with_a_warning(old_name, with_head):
+    """transformers' `test_bc_cache_name_forward`: the old names are the state, not silently dropped kwargs."""
     model = tiny_model()
+    model = model if with_head else model.model
+    output = (lambda out: out.logits) if with_head else (lambda out: out.last_hidden_state)
     ids = torch.randint(3, 48, (1, 8))
     with torch.no_grad():
-        full = model(ids).logits
+        full = output(model(ids))
         first = model(ids[:, :5], use_cache=True)
-        second = model(ids[:, 5:], past_key_values=first.cache, use_cache=True)
-    torch.testing.assert_close(second.logits, full[:, 5:], rtol=1e-5, atol=1e-5)
+        with pytest.warns(FutureWarning, match=f"`{old_name}` is deprecated.*Use `cache` instead"):
+            second = model(ids[:, 5:], use_cache=True, **{old_name: first.cache})
+    torch.testing.assert_close(output(second), full[:, 5:], rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_weights_stay_close_to_fp32():
@@ -174,17 +180,26 @@ def test_static_cache_with_torch_compile_matches_eager():
     assert torch.equal(compiled, eager)
 
 
-def test_assisted_decoding_is_refused_with_a_clear_error():
-    model, assistant = tiny_model(), tiny_model(seed=1)
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(torch.randint(3, 48, (1, 4)), assistant_model=assistant, max_new_tokens=3)
-
-
 def test_outputs_hidden_states_tuple_and_loss_normalisation():
     model = tiny_model()
     ids = torch.randint(3, 48, (2, 9))
     out = model(ids, labels=ids, output_hidden_states=True)
+    # Recorded by transformers' `capture_outputs`: each block's input, then the final (normed) output.
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    with torch.no_grad():
+        stream = model.model.embeddings(ids)
+        for i, block in enumerate(model.model.layers):
+            torch.testing.assert_close(out.hidden_states[i], stream)
+            stream = block(stream)
+        torch.testing.assert_close(out.hidden_states[-1], model.model.norm_f(stream))
+    only_last = model(ids, output_hidden_states=[-1]).hidden_states
+    assert only_last[0] is None and torch.equal(only_last[-1], out.hidden_states[-1])
+    # ModelTesterMixin's output equivalence: the tuple holds the dict's fields in order; the config's default holds.
+    base_tuple = model.model(ids, use_cache=True, output_hidden_states=True, return_dict=False)
+    assert len(base_tuple) == 3 and type(base_tuple[1]).__name__ == "MinRNNCache"
+    torch.testing.assert_close(base_tuple[2][-1], base_tuple[0])
+    model.config.output_hidden_states = True
+    assert len(model(ids).hidden_states) == model.config.num_hidden_layers + 1
     as_tuple = model(ids, labels=ids, return_dict=False)
     torch.testing.assert_close(as_tuple[0], out.loss)
     torch.testing.assert_close(as_tuple[1], out.logits)
@@ -271,6 +286,41 @@ def test_bad_inputs_get_clear_errors():
         model(ids, cache=DynamicCache())
     with pytest.raises(ValueError, match="batch size 2"):
         model(ids[:1], cache=model(ids, use_cache=True).cache)
+
+
+def test_empty_sequence_gets_one_clear_error():
+    model = tiny_model()
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    for call in (
+        lambda: model(empty),
+        lambda: model(inputs_embeds=torch.zeros(2, 0, 32)),
+        lambda: model.generate(empty, max_new_tokens=3),
+        lambda: model.prefill(empty),
+    ):
+        with pytest.raises(ValueError, match=r"no tokens|at least one token"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "values", [[0.5, 1.0, 1.0], [-1, 1, 1], [0.0, float("-inf"), 0.0], [2, 1, 1]], ids=["half", "minus_one", "additive", "two"]
+)
+def test_attention_mask_other_than_0_and_1_is_refused(values):
+    model = tiny_model()
+    ids = torch.randint(3, 48, (1, 3))
+    with pytest.raises(ValueError, match=r"`attention_mask` must hold only 0 \(padding\) and 1 \(real token\)"):
+        model(ids, attention_mask=torch.tensor([values]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(ids, attention_mask=torch.tensor([values]), max_new_tokens=2)
+
+
+def test_attention_mask_as_bool_int_or_float_0_1_is_the_same():
+    model = tiny_model()
+    ids = torch.randint(3, 48, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        for as_type in (torch.bool, torch.float32, torch.int32):
+            torch.testing.assert_close(model(ids, attention_mask=mask.to(as_type)).logits, expected, rtol=0, atol=0)
 
 
 def test_layer_parity_at_65536_tokens():

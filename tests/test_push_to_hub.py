@@ -334,3 +334,31 @@ def test_training_summary_with_wrong_types_is_named():
     problems = check_training_summary({"tokens_seen": "1M", "final_eval_loss": 2.5, "steps": True})
     assert problems == ["training_summary.json: 'tokens_seen' must be int, got str '1M'",
                         "training_summary.json: 'steps' must be int, got bool True"]
+
+
+@pytest.mark.parametrize("dataset, described", [
+    ("pydoc_data.topics", "CPython's documentation topics (`pydoc_data.topics`"),
+    ("data/train.txt", "local files `data/train.txt` (not published)"),
+    ("../shared/data/tinyshakespeare.txt", "local files `../shared/data/tinyshakespeare.txt` (not published)"),
+])
+def test_card_metadata_holds_only_hub_dataset_ids(dataset, described):
+    config = {"model_type": "minrnn", "cell_type": "mingru", "vocab_size": 50}
+    card = render_model_card("bob/x", config, {"num_parameters": 1}, {"dataset": dataset}, license="mit")
+    metadata = yaml.safe_load(re.match(r"\A---\n(.*?)\n---\n", card, re.DOTALL).group(1))
+    assert "datasets" not in metadata
+    assert f"| Dataset | {described}" in card
+
+
+def test_tokenizerless_checkpoint_is_published_with_a_warning(checkpoint, hub, tmp_path):
+    """As transformers' push_to_hub: the model alone is published; the card shows token ids in and out."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint[0], folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    proc = run_push("--checkpoint", str(folder), "--repo-id", "bob/no-tok", "--dry-run", endpoint=hub.endpoint,
+                    home=tmp_path, token=None)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: no tokenizer in" in proc.stderr and "publishing the model alone" in proc.stderr
+    assert "tokenizer.json" not in proc.stdout and "no tokenizer" in proc.stdout
+    snippet = re.search(r"```python\n(.*?)```", proc.stdout, re.DOTALL).group(1)
+    assert "AutoTokenizer" not in snippet and "print(output[0].tolist())" in snippet

@@ -210,15 +210,19 @@ def test_env_var_disables_extension(monkeypatch):
 CELLS = {"mingru": (2, mingru_log_gates), "minlstm": (3, minlstm_log_gates)}
 
 
-def reference_cell(cell_type, projections, padding_mask=None, initial_state=None):
-    """The model's log-space gates in float64, padding as the model masks it, then the float64 scan."""
+def reference_cell(cell_type, projections, padding_mask=None, initial_state=None, reset=None):
+    """The model's log-space gates in float64, padding as the model masks it, then the float64 scan.
+
+    A padded token passes the state through even where `reset` is True, as the kernel documents.
+    """
     n, log_gates = CELLS[cell_type]
     log_a, log_b = log_gates(*projections.double().chunk(n, dim=-1))
     if padding_mask is not None:
         keep = padding_mask.unsqueeze(-1)
         log_a = log_a.masked_fill(~keep, 0.0)
         log_b = log_b.masked_fill(~keep, float("-inf"))
-    return reference_scan(log_a, log_b, initial_state)
+        reset = None if reset is None else reset & padding_mask
+    return reference_scan(log_a, log_b, initial_state, reset)
 
 
 def make_cell_inputs(cell_type, batch, seq, dim, with_initial, scale=2.0, dtype=torch.float32, seed=0):
@@ -230,14 +234,14 @@ def make_cell_inputs(cell_type, batch, seq, dim, with_initial, scale=2.0, dtype=
     return cast(projections), cast(initial)
 
 
-def check_cell_against_reference(cell_type, projections, padding_mask, initial, rtol=1e-5):
+def check_cell_against_reference(cell_type, projections, padding_mask, initial, rtol=1e-5, reset=None):
     """Values and gradients (projections, initial state) of the fused cell vs `reference_cell`."""
     shape = (*projections.shape[:2], projections.shape[2] // CELLS[cell_type][0])
     grad_h = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     leaves = [t for t in (projections, initial) if t is not None]
-    h = cpu_cell_scan(cell_type, projections, padding_mask, initial)
+    h = cpu_cell_scan(cell_type, projections, padding_mask, initial, reset)
     got = torch.autograd.grad(h, leaves, grad_h)
-    h_ref = reference_cell(cell_type, projections, padding_mask, initial)
+    h_ref = reference_cell(cell_type, projections, padding_mask, initial, reset)
     expected = torch.autograd.grad(h_ref, leaves, grad_h.double())
     assert h.dtype == torch.float32 and h.shape == shape
     assert_close_to_reference(h, h_ref, rtol)
@@ -281,6 +285,63 @@ def test_cell_padding_passes_state_through_with_zero_grads(cell_type):
     assert torch.equal(grad_garbage, torch.autograd.grad(cpu_cell_scan(cell_type, projections, keep, initial).sum(), projections)[0])
 
 
+def make_resets(batch, seq, seed=5):
+    """Sequence starts at ~1 in 5 steps, at t = 0 of row 0 (drops the initial state), and back to back."""
+    reset = torch.rand(batch, seq, generator=torch.Generator().manual_seed(seed)) < 0.2
+    reset[0, 0] = True
+    reset[-1, 3:6] = True
+    return reset
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 19), (3, 16, 1030), (1, 50, 33)], ids=["odd", "rows_over_1024", "split"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_resets_match_reference(shape, threads):
+    inputs = make_inputs(*shape, with_initial=True)
+    reset = make_resets(shape[0], shape[1])
+    grad_h = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        h, got = grads(lambda *args: cpu_scan(*args, reset=reset), inputs, grad_h)
+    finally:
+        torch.set_num_threads(previous)
+    h_ref, expected = grads(lambda *args: reference_scan(*args, reset=reset), inputs, grad_h)
+    assert_close_to_reference(h, h_ref)
+    for g, g_ref in zip(got, expected):
+        assert torch.isfinite(g).all()
+        assert_close_to_reference(g, g_ref)
+    assert torch.equal(got[0][reset], torch.zeros_like(got[0][reset]))  # log_a at a start is never used
+    assert torch.equal(got[2][0], torch.zeros_like(got[2][0]))  # row 0 starts at t = 0: h0 is dropped
+
+
+@pytest.mark.parametrize("cell_type", sorted(CELLS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cell_resets_with_padding_match_reference(cell_type, threads):
+    projections, initial = make_cell_inputs(cell_type, 3, 30, 20, with_initial=True)
+    reset = make_resets(3, 30)
+    keep = torch.ones(3, 30, dtype=torch.bool)
+    keep[1, :4] = False  # left padding, then a start
+    reset[1, 4] = True
+    keep[2, 10:13] = False  # a hole right after a start, and a start on a padded token (ignored)
+    reset[2, 9] = reset[2, 11] = True
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        h, (grad_projections, grad_initial) = check_cell_against_reference(
+            cell_type, projections, keep, initial, reset=reset
+        )
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(grad_initial[0], torch.zeros_like(grad_initial[0]))
+    # A packed row equals its sequences run alone from a zero state.
+    lengths = [6, 1, 10, 13]
+    row = torch.zeros(1, 30, dtype=torch.bool)
+    row[0, torch.tensor([0, *lengths[:-1]]).cumsum(0)] = True
+    packed = cpu_cell_scan(cell_type, projections[:1], None, initial[:1], row)
+    alone = torch.cat([cpu_cell_scan(cell_type, p) for p in projections[:1].split(lengths, 1)], 1)
+    torch.testing.assert_close(packed, alone, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cell_type", sorted(CELLS))
 def test_cell_bf16_projections_compute_in_fp32_and_return_bf16_grads(cell_type):
     projections, initial = make_cell_inputs(cell_type, 2, 40, 24, with_initial=True, dtype=torch.bfloat16)
@@ -319,10 +380,12 @@ def test_cell_empty_inputs():
 def test_cell_torch_compile_traces_through():
     projections, initial = make_cell_inputs("mingru", 2, 9, 5, with_initial=True)
     keep = torch.tensor([[False, True] + [True] * 7, [True] * 9])
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[:, 4] = True
     loss = lambda *args: (cpu_cell_scan("mingru", *args) ** 2).sum()
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    got = torch.autograd.grad(compiled(projections, keep, initial), (projections, initial))
-    expected = torch.autograd.grad(loss(projections, keep, initial), (projections, initial))
+    got = torch.autograd.grad(compiled(projections, keep, initial, reset), (projections, initial))
+    expected = torch.autograd.grad(loss(projections, keep, initial, reset), (projections, initial))
     for g, g_ref in zip(got, expected):
         torch.testing.assert_close(g, g_ref)
 
@@ -341,6 +404,10 @@ def test_cell_rejects_bad_arguments():
         cpu_cell_scan("mingru", projections, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"initial_state.*\(2, 3\)"):
         cpu_cell_scan("mingru", projections, None, torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="reset.*bool"):
+        cpu_cell_scan("mingru", projections, None, None, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"reset.*\(2, 5\)"):
+        cpu_scan(torch.zeros(2, 5, 3), torch.zeros(2, 5, 3), reset=torch.zeros(2, 4, dtype=torch.bool))
 
 
 def _python(code, **env):

@@ -120,6 +120,30 @@ class TestKernels:
         alone = triton_scan(log_a[:1, 9:].detach(), log_b[:1, 9:].detach(), h0[:1].detach(), chunk_size=chunk_size)
         torch.testing.assert_close(h[:1, 9:], alone, rtol=1e-6, atol=1e-6)
 
+    @pytest.mark.parametrize("batch, seq, dim, chunk_size, with_h0", [SHAPES[0], SHAPES[1], SHAPES[4], SHAPES[5],
+                                                                       SHAPES[6]])
+    def test_resets_match_reference(self, batch, seq, dim, chunk_size, with_h0):
+        from modeling_minrnn.scan_triton import triton_scan
+
+        leaves = make_inputs(batch, seq, dim, with_h0)
+        reset = torch.rand(batch, seq, generator=torch.Generator().manual_seed(3)) < 0.2
+        reset[0, 0] = True  # drops h0 in row 0
+        reset[-1, seq // 2:] = True  # a run of one-token sequences, across chunk boundaries
+        reset = reset.to(DEVICE)
+        h = triton_scan(*leaves, chunk_size=chunk_size, reset=reset)
+        reference_leaves = [leaf.detach().double().requires_grad_() for leaf in leaves]
+        expected = reference_scan(*reference_leaves, reset=reset)
+        upstream = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        grads = torch.autograd.grad(h, leaves, upstream)
+        expected_grads = torch.autograd.grad(expected, reference_leaves, upstream.double())
+        torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-5)
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert torch.isfinite(grad).all()
+            torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
+        assert (grads[0][reset] == 0).all(), "log_a at a sequence start must get exactly zero gradient"
+        if with_h0:
+            assert (grads[2][0] == 0).all(), "a start at t = 0 drops the initial state"
+
     def test_chunked_flag_and_default_choice_agree(self):
         from modeling_minrnn.scan_triton import triton_scan
 
@@ -151,6 +175,8 @@ class TestKernels:
             triton_scan(x, x, chunk_size=0)
         with pytest.raises(ValueError, match="chunked=False"):
             triton_scan(x, x, chunked=False, chunk_size=2)
+        with pytest.raises(ValueError, match="reset"):
+            triton_scan(x, x, reset=torch.zeros(2, 4, device=DEVICE))
 
 
 def test_default_chunk_size_splits_only_narrow_long_inputs():
@@ -219,17 +245,19 @@ def test_kernels_in_interpreter():
 
 # Every kernel variant `_forward` and `_backward` launch: the interpreter runs Python, so only a real build shows
 # that the code generator and ptxas accept the kernels.
-FORWARD_VARIANTS = [  # LOG_SPACE, REVERSE, HAS_H0, HAS_CHUNK_STATE, STORE_STATES, STORE_SUMMARY
-    (True, False, True, False, True, False),  # fused
-    (True, False, False, False, False, True),  # chunked pass 1
-    (False, False, True, False, True, False),  # chunked pass 2
-    (True, False, True, True, True, False),  # chunked pass 3
-    (False, True, False, False, True, False),  # backward pass 2
+FORWARD_VARIANTS = [  # LOG_SPACE, REVERSE, HAS_H0, HAS_CHUNK_STATE, HAS_RESET, STORE_STATES, STORE_SUMMARY
+    (True, False, True, False, False, True, False),  # fused
+    (True, False, True, False, True, True, False),  # fused, packed sequences
+    (True, False, False, False, True, False, True),  # chunked pass 1
+    (False, False, True, False, False, True, False),  # chunked pass 2
+    (True, False, True, True, True, True, False),  # chunked pass 3
+    (False, True, False, False, False, True, False),  # backward pass 2
 ]
-BACKWARD_VARIANTS = [  # HAS_H0, HAS_CHUNK_STATE, STORE_GRADS, STORE_SUMMARY
-    (True, False, True, False),  # fused
-    (False, False, False, True),  # chunked pass 1
-    (True, True, True, False),  # chunked pass 3
+BACKWARD_VARIANTS = [  # HAS_H0, HAS_CHUNK_STATE, HAS_RESET, STORE_GRADS, STORE_SUMMARY
+    (True, False, False, True, False),  # fused
+    (True, False, True, True, False),  # fused, packed sequences
+    (False, False, True, False, True),  # chunked pass 1
+    (True, True, True, True, False),  # chunked pass 3
 ]
 
 
@@ -267,13 +295,13 @@ def test_kernels_build_for_hopper(tmp_path):
         assert "STACK:0 " in usage and "LOCAL:0 " in usage, f"{kernel.__name__}{flags} spills registers: {usage}"
 
     forward_pointers = {"x_ptr": "bf16", "y_ptr": "bf16", "h0_ptr": "fp32", "chunk_state_ptr": "fp32",
-                        "out_ptr": "fp32", "decay_ptr": "fp32", "end_ptr": "fp32"}
+                        "reset_ptr": "u8", "out_ptr": "fp32", "decay_ptr": "fp32", "end_ptr": "fp32"}
     for flags in FORWARD_VARIANTS:
-        build(scan_triton._forward_kernel, ("LOG_SPACE", "REVERSE", "HAS_H0", "HAS_CHUNK_STATE", "STORE_STATES",
-                                            "STORE_SUMMARY"), flags, forward_pointers)
+        build(scan_triton._forward_kernel, ("LOG_SPACE", "REVERSE", "HAS_H0", "HAS_CHUNK_STATE", "HAS_RESET",
+                                            "STORE_STATES", "STORE_SUMMARY"), flags, forward_pointers)
     backward_pointers = {"log_a_ptr": "bf16", "log_b_ptr": "bf16", "h_ptr": "fp32", "h0_ptr": "fp32",
-                         "grad_ptr": "fp32", "chunk_state_ptr": "fp32", "d_log_a_ptr": "bf16", "d_log_b_ptr": "bf16",
-                         "d_h0_ptr": "fp32", "decay_ptr": "fp32", "end_ptr": "fp32"}
+                         "grad_ptr": "fp32", "chunk_state_ptr": "fp32", "reset_ptr": "u8", "d_log_a_ptr": "bf16",
+                         "d_log_b_ptr": "bf16", "d_h0_ptr": "fp32", "decay_ptr": "fp32", "end_ptr": "fp32"}
     for flags in BACKWARD_VARIANTS:
-        build(scan_triton._backward_kernel, ("HAS_H0", "HAS_CHUNK_STATE", "STORE_GRADS", "STORE_SUMMARY"), flags,
-              backward_pointers)
+        build(scan_triton._backward_kernel, ("HAS_H0", "HAS_CHUNK_STATE", "HAS_RESET", "STORE_GRADS",
+                                             "STORE_SUMMARY"), flags, backward_pointers)
