@@ -182,7 +182,7 @@ def test_carried_state_resumes_exactly_after_sigkill(tmp_path, small_corpus):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--state-reset", "doc"], r"state_reset='doc' must be 'eos' or 'none'"),
+    (["--state-reset", "doc"], r"--state-reset: invalid choice: 'doc' \(choose from 'eos', 'none'\)"),
     (["--streaming", "--dataset", "x.txt"], r"carry_state=true needs an in-memory corpus"),
 ])
 def test_carried_state_settings_are_checked(extra, message):
