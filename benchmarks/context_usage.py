@@ -227,11 +227,9 @@ def write_report(results: dict, out: Path) -> None:
                   f"{setup['windows']} x {setup['doc_tokens']:,} tokens from {setup['heldout_tokens']:,}; {setup['steps']} steps x "
                   f"{setup['batch_size']} x {setup['block_size']} tokens; lr {setup['lr']}; {setup['machine']}.", "",
                   "| model | parameters | train loss (last 50 steps) | training time | "
-                  + " | ".join(f"t in [{lo}, {hi})" if hi <= edges[-1] - 1 else f"[{lo}, {hi - 1}]"
-                               for lo, hi in zip(edges[:-1], edges[1:])) + " |",
+                  + " | ".join(f"t = {lo}" if hi - 1 == lo else f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:]))
+                  + " |",
                   "| --- | --- | --- | --- | " + " | ".join("---" for _ in edges[:-1]) + " |"]
-        lines.append("| scored tokens per bucket | | | | " + " | ".join(
-            f"{setup['windows'] * (hi - lo):,}" for lo, hi in zip(edges[:-1], edges[1:])) + " |")
         centers = [math.sqrt(lo * (hi - 1)) if hi - 1 > lo else lo for lo, hi in zip(edges[:-1], edges[1:])]
         for name in names:
             model = entry["models"][name]
@@ -239,7 +237,8 @@ def write_report(results: dict, out: Path) -> None:
                          f"{model['train_seconds'] / 60:.1f} min | "
                          + " | ".join(f"{value:.3f}" for value in model["bucket_loss"]) + " |")
             ax.plot(centers, model["bucket_loss"], "o-", label=f"{name} ({model['parameters'] / 1e6:.2f}M)")
-        lines.append("")
+        lines += ["| scored tokens per bucket | | | | " + " | ".join(
+            f"{setup['windows'] * (hi - lo):,}" for lo, hi in zip(edges[:-1], edges[1:])) + " |", ""]
         ax.axvline(setup["block_size"], color="gray", linestyle=":", label=f"training block ({setup['block_size']})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("position in the document (tokens before)")
