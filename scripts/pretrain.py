@@ -1,8 +1,8 @@
 """Pretrain a minGRU / minLSTM language model with accelerate, from one CPU to many GPUs.
 
     accelerate launch scripts/pretrain.py                       # tiny recipe on the embedded corpus, offline
-    accelerate launch scripts/pretrain.py --config configs/shakespeare_char.yaml \\
-        --dataset ../shared/data/tinyshakespeare.txt --max-steps 2000
+    python scripts/download_tinyshakespeare.py && \\
+        accelerate launch scripts/pretrain.py --config configs/shakespeare_char.yaml --max-steps 2000
     accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --batch-size 8   # 2 gloo processes on a CPU machine
     accelerate launch scripts/pretrain.py --output-dir out/tiny --resume   # continue after a crash
 
