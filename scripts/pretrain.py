@@ -13,6 +13,10 @@ with the recipe's value. Parsed by transformers' `HfArgumentParser` from the dat
 Reading order: settings -> data and tokenizer -> model and optimizer -> the loop
 (learning rate, accumulation, logging, evaluation, checkpoints) -> the final folder.
 
+One output folder holds one run: a new run refuses a folder holding another (`--resume` continues it,
+`--overwrite_output_dir` deletes it). Bad settings, data and checkpoints stop the run with one line
+before any work (`accelerate launch -q` leaves out the launcher's traceback after it).
+
 The output folder holds a `save_pretrained` model (with its remote code), the tokenizer,
 a generation config, `training_summary.json`, `train_log.jsonl` (one line per step, and
 per evaluation), `loss_curve.png`, TensorBoard logs and `checkpoints/step-0000200/`.
