@@ -60,6 +60,8 @@ class TrainConfig:
     """Every setting of the training trajectory; a recipe file and command-line options override these defaults.
 
     Settings are saved in each checkpoint; `--resume` refuses to change those that steer the trajectory.
+    A new setting is one field here (`HfArg` with its help; `X | None` accepts `none`, `Literal` gives choices,
+    `list[X]` several values); list it in RESUMABLE_CHANGES when it does not steer the trajectory.
     """
 
     # Data.
@@ -72,7 +74,8 @@ class TrainConfig:
     val_fraction: float = HfArg(default=0.1, help="held out from corpora without a validation split (last characters)")
     val_documents: int = HfArg(default=1000, help="held out from streams without a validation split (first documents)")
     # Tokenizer.
-    tokenizer: str | None = HfArg(default=None, help="a saved tokenizer folder; none = train one on the training split at start")
+    tokenizer: str | None = HfArg(
+        default=None, help="a saved tokenizer folder; none = train one on the training split at start")
     char_level: bool = HfArg(default=False, help="train a character-level tokenizer instead of byte-level BPE")
     tokenizer_vocab_size: int = HfArg(default=1024, help="size of the BPE tokenizer trained at start")
     tokenizer_max_chars: int = HfArg(default=100_000_000, help="characters the tokenizer is trained on, at most")
@@ -337,7 +340,8 @@ def preflight(config: TrainConfig, options: LaunchOptions) -> Preflight:
         checkpoint = None
         check_output_dir(config.output_dir, options.overwrite_output_dir)
         if config.tokenizer and not Path(config.tokenizer).is_dir():
-            raise ConfigError(f"tokenizer={config.tokenizer!r}: no such folder (train one with scripts/train_tokenizer.py)")
+            raise ConfigError(
+                f"tokenizer={config.tokenizer!r}: no such folder (train one with scripts/train_tokenizer.py)")
     log_with = config.log_with
     if log_with == "tensorboard" and not _installed("tensorboard", "tensorboardX", skipped="TensorBoard logs"):
         log_with = "none"
@@ -707,8 +711,9 @@ def train(config: TrainConfig, options: LaunchOptions, checked: Preflight) -> di
     for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
         # accelerate falls back to plain data parallelism without a word where it cannot apply them (e.g. on CPUs).
         if str_to_bool(os.environ.get(variable, "false")) and mode != kind:
-            warn(f"the accelerate config asks for {kind}, but accelerate runs {mode} here "
-                 f"({'no GPU' if accelerator.device.type == 'cpu' else 'not applied'}): every process holds the whole model")
+            reason = "no GPU" if accelerator.device.type == "cpu" else "not applied"
+            warn(f"the accelerate config asks for {kind}, but accelerate runs {mode} here ({reason}): "
+                 "every process holds the whole model")
     checkpoint, saved = checked.checkpoint, None
     if checkpoint is not None:
         saved = json.loads((checkpoint / "trainer_state.json").read_text())

@@ -1,7 +1,8 @@
 """Train a tokenizer for minrnn: byte-level BPE (GPT-2 style) or character-level.
 
     python scripts/train_tokenizer.py --dataset data.txt --vocab-size 8192 --out tok/
-    python scripts/train_tokenizer.py --dataset data/tinyshakespeare.txt --char-level --out tok/   # scripts/download_tinyshakespeare.py
+    python scripts/download_tinyshakespeare.py   # data/tinyshakespeare.txt
+    python scripts/train_tokenizer.py --dataset data/tinyshakespeare.txt --char-level --out tok/
 
 Trained on the training split only (validation text stays unseen) and saved as a
 `PreTrainedTokenizerFast` that `AutoTokenizer.from_pretrained(out)` loads, with
