@@ -346,6 +346,11 @@ def preflight(config: TrainConfig, options: LaunchOptions) -> Preflight:
     if log_with == "tensorboard" and not _installed("tensorboard", "tensorboardX", skipped="TensorBoard logs"):
         log_with = "none"
     plot = _installed("matplotlib", skipped="loss_curve.png")
+    if config.push_to_hub:
+        try:
+            import hub_upload.push_to_hub  # noqa: F401  (its dependencies, before the first checkpoint needs them)
+        except ImportError as error:
+            raise ConfigError(f"push_to_hub={config.push_to_hub!r} needs the uploader's packages: {error}") from None
     try:
         model_config(config, config.vocab_size or config.tokenizer_vocab_size)
     except (ValueError, StrictDataclassError) as error:
@@ -900,12 +905,18 @@ def train(config: TrainConfig, options: LaunchOptions, checked: Preflight) -> di
 
 
 def push(folder: Path, config: TrainConfig, revision: str | None) -> None:
-    """Upload a `save_pretrained` folder with the project's Hub uploader (imported only when asked for)."""
-    sys.path.insert(0, str(REPO_ROOT))
-    from hub_upload.push_to_hub import push_checkpoint
+    """Upload a `save_pretrained` folder with the project's Hub uploader (imported only when asked for).
 
-    push_checkpoint(folder, config.push_to_hub, private=config.hub_private, revision=revision,
-                    commit_message=f"minrnn pretraining: {folder.name}")
+    A failed upload is a warning saying how to retry: the run and its files go on without it.
+    """
+    from hub_upload.push_to_hub import PublishError, push_checkpoint
+
+    try:
+        push_checkpoint(folder, config.push_to_hub, private=config.hub_private, revision=revision,
+                        commit_message=f"minrnn pretraining: {folder.name}")
+    except PublishError as error:
+        retry = f"python hub_upload/push_to_hub.py --checkpoint {folder} --repo-id {config.push_to_hub}"
+        warn(f"{folder} not published ({error}); retry with {retry}" + (f" --revision {revision}" if revision else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
