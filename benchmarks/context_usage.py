@@ -66,7 +66,8 @@ def load_corpus(corpus: str, data: str | None):
         splits = load_text_splits(None, val_fraction=VAL_FRACTION[corpus])
     tokenizer = train_tokenizer(splits.train, char_level=corpus == "shakespeare", vocab_size=1024)
     eos = tokenizer.eos_token_id
-    return tokenize_documents(splits.train, tokenizer, eos), tokenize_documents(splits.validation, tokenizer, eos), tokenizer
+    train, heldout = (tokenize_documents(texts, tokenizer, eos) for texts in (splits.train, splits.validation))
+    return train, heldout, tokenizer
 
 
 def build_model(kind: str, vocab_size: int, args):
@@ -162,7 +163,8 @@ def recurrent_losses(model, windows: torch.Tensor, chunk: int) -> torch.Tensor:
     inputs, targets = windows[:, :-1], windows[:, 1:]
     for begin in range(0, inputs.shape[1], chunk):
         logits = model(inputs[:, begin : begin + chunk], cache=cache, use_cache=True).logits
-        losses.append(F.cross_entropy(logits.transpose(1, 2).float(), targets[:, begin : begin + chunk], reduction="none"))
+        scored = targets[:, begin : begin + chunk]
+        losses.append(F.cross_entropy(logits.transpose(1, 2).float(), scored, reduction="none"))
     return torch.cat(losses, dim=1)
 
 
@@ -215,8 +217,8 @@ def write_report(results: dict, out: Path) -> None:
 
     corpora = [name for name in ("shakespeare", "pydoc") if name in results]
     lines = ["# Held-out loss by position in the document", "",
-             "Written by `benchmarks/context_usage.py` (commands and settings in each section). Loss in nats per token,",
-             "averaged over every held-out window; position `t` = tokens before the scored one.", ""]
+             "Written by `benchmarks/context_usage.py` (commands and settings in each section). Loss in nats per",
+             "token, averaged over every held-out window; position `t` = tokens before the scored one.", ""]
     fig, axes = plt.subplots(1, max(1, len(corpora)), figsize=(6.5 * max(1, len(corpora)), 4.5), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
         entry = results[corpus]
@@ -224,10 +226,12 @@ def write_report(results: dict, out: Path) -> None:
         names = [name for name in MODELS if name in entry["models"]]
         lines += [f"## {corpus}", "", f"`{setup['command']}`", "",
                   f"{setup['corpus_note']}; {setup['train_tokens']:,} training tokens, held-out windows: "
-                  f"{setup['windows']} x {setup['doc_tokens']:,} tokens from {setup['heldout_tokens']:,}; {setup['steps']} steps x "
+                  f"{setup['windows']} x {setup['doc_tokens']:,} tokens from {setup['heldout_tokens']:,}; "
+                  f"{setup['steps']} steps x "
                   f"{setup['batch_size']} x {setup['block_size']} tokens; lr {setup['lr']}; {setup['machine']}.", "",
                   "| model | parameters | train loss (last 50 steps) | training time | "
-                  + " | ".join(f"t = {lo}" if hi - 1 == lo else f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:]))
+                  + " | ".join(f"t = {lo}" if hi - 1 == lo else f"{lo}-{hi - 1}"
+                               for lo, hi in zip(edges[:-1], edges[1:]))
                   + " |",
                   "| --- | --- | --- | --- | " + " | ".join("---" for _ in edges[:-1]) + " |"]
         centers = [math.sqrt(lo * (hi - 1)) if hi - 1 > lo else lo for lo, hi in zip(edges[:-1], edges[1:])]
@@ -294,7 +298,8 @@ def main():
         "train_tokens": len(train_tokens), "heldout_tokens": len(heldout), "windows": len(windows),
         "doc_tokens": args.doc_tokens, "bucket_edges": edges, "steps": args.steps, "batch_size": args.batch_size,
         "block_size": args.block_size, "lr": args.lr, "eval_chunk": args.eval_chunk,
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s), 2 cores shared with other jobs",
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s), "
+                   "2 cores shared with other jobs",
     }
     for kind in args.models:
         model = build_model(kind, len(tokenizer), args)

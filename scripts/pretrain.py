@@ -296,7 +296,8 @@ def validate(config: TrainConfig) -> None:
     if config.streaming and not config.dataset:
         raise ConfigError("streaming=true needs --dataset (the embedded corpus is read in memory)")
     if config.carry_state and config.streaming:
-        raise ConfigError("carry_state=true needs an in-memory corpus (streaming=false): each row reads its own part of it")
+        raise ConfigError("carry_state=true needs an in-memory corpus (streaming=false): each row reads its own "
+                          "part of it")
     if config.sample_tokens < 0 or config.sample_temperature <= 0 or config.sample_top_k < 0:
         raise ConfigError("sample_tokens and sample_top_k must be >= 0 and sample_temperature > 0")
 

@@ -70,7 +70,8 @@ def test_carried_blocks_equal_one_long_forward(cell_type, conv_kernel):
     model.zero_grad()
     with torch.no_grad():
         cache = model(prefix[:, :-1], use_cache=True).cache
-    model(last[:, :-1], labels=last[:, :-1], shift_labels=last[:, 1:].contiguous(), cache=cache, use_cache=True).loss.backward()
+    out = model(last[:, :-1], labels=last[:, :-1], shift_labels=last[:, 1:].contiguous(), cache=cache, use_cache=True)
+    out.loss.backward()
     reference = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     torch.testing.assert_close(grads[-1], reference, rtol=1e-4, atol=1e-6)
 
@@ -161,7 +162,8 @@ def test_carried_state_resumes_exactly_after_sigkill(tmp_path, small_corpus):
     run([*common, "--save-every", "22", "--output-dir", str(reference)])
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *common, "--save-every", "3", "--output-dir", str(crashed)],
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *common, "--save-every", "3",
+                                "--output-dir", str(crashed)],
                                cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import pretrain
 
