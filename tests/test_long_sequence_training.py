@@ -5,7 +5,9 @@ both fit: both cells, conv on and off, chunk sizes that do not divide the length
 shorter than the conv window, padding and -100 labels, gradient accumulation, every CPU scan backend, dropout.
 """
 
+import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ import torch
 from conftest import tiny_model as identity_conv_model
 from modeling_minrnn.long_sequence import _GraphStateLayer
 from transformers.cache_utils import Cache
+
+
+BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_sequence_memory.py"
 
 
 def tiny_model(seed=0, **overrides):
@@ -165,3 +170,18 @@ def test_gradient_checkpointing_is_refused():
     model.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="activation_checkpointing_disable"):
         model.chunked_backward(torch.randint(3, 48, (1, 8)), chunk_size=4)
+
+
+@pytest.mark.slow
+def test_benchmark_peak_memory_is_flat_in_length(tmp_path):
+    """`benchmarks/long_sequence_memory.py` at 8k and 32k tokens: the chunked tensor peak stays put while full
+    backprop's grows with the length."""
+    spec = importlib.util.spec_from_file_location("long_sequence_memory", BENCHMARK_PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--lengths", "8192", "32768", "--chunk-size", "2048", "--out", str(tmp_path)])
+    peak = {(row["method"], row["seq"]): row["tensor_peak_bytes"] for row in rows}
+    assert peak["chunked", 32768] < 1.2 * peak["chunked", 8192]
+    assert peak["full", 32768] > 3 * peak["full", 8192]
+    assert peak["chunked", 32768] < peak["full", 32768] / 4
+    assert "| 32,768 | chunked (2,048) |" in (tmp_path / "long_sequence_memory.md").read_text()
