@@ -6,18 +6,21 @@
     accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --batch-size 8   # 2 gloo processes on a CPU machine
     accelerate launch scripts/pretrain.py --output-dir out/tiny --resume   # continue after a crash
 
-Settings come from a recipe (`--config`, default `configs/tiny.yaml`) overridden by
-`--key value` options (`--max-steps 50 --lr 1e-3`); `--help` lists every key.
+Settings come from a recipe (`--config`, YAML or JSON, default `configs/tiny.yaml`) overridden by
+`--key value` options (`--max-steps 50 --lr 1e-3`, or `--max_steps`); `--help` lists every key
+with the recipe's value. Parsed by transformers' `HfArgumentParser` from the dataclasses below.
 
 Reading order: settings -> data and tokenizer -> model and optimizer -> the loop
 (learning rate, accumulation, logging, evaluation, checkpoints) -> the final folder.
 
 The output folder holds a `save_pretrained` model (with its remote code), the tokenizer,
 a generation config, `training_summary.json`, `train_log.jsonl` (one line per step, and
-per evaluation), `loss_curve.png`, TensorBoard logs and `checkpoints/step-N/`.
+per evaluation), `loss_curve.png`, TensorBoard logs and `checkpoints/step-0000200/`.
 """
 
+import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -26,8 +29,9 @@ import sys
 import time
 import typing
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPTS_DIR.parent
@@ -36,69 +40,92 @@ sys.path.insert(0, str(SCRIPTS_DIR))
 # The package imports from a checkout too, before (or without) `pip install -e .`.
 sys.path.insert(1, str(REPO_ROOT))
 
+from transformers import HfArgumentParser  # noqa: E402  (light: no torch until the run starts)
+from transformers.hf_argparser import HfArg  # noqa: E402
+
+# The model's own choices (modeling_minrnn: CELL_TYPES, SCAN_BACKENDS), repeated here so that a typo fails in a
+# second, before torch is imported; a test keeps the two equal.
+CellType = Literal["mingru", "minlstm"]
+ScanBackend = Literal["auto", "sequential", "log_space", "chunked", "cpu", "triton"]
+
 
 @dataclass
 class TrainConfig:
-    """Every training setting; a recipe YAML and `--key value` options override these defaults."""
+    """Every setting of the training trajectory; a recipe file and command-line options override these defaults.
 
-    # Data: None = the embedded default corpus; else a Hub id or local .txt/.jsonl/.parquet files.
-    dataset: str | None = None
-    dataset_config: str | None = None
-    text_column: str = "text"
-    streaming: bool = False
-    val_fraction: float = 0.1  # held out from corpora without a validation split (last characters)
-    val_documents: int = 1000  # held out from streams without a validation split (first documents)
-    # Tokenizer: a saved tokenizer folder, or None to train one on the training split at start.
-    tokenizer: str | None = None
-    char_level: bool = False
-    tokenizer_vocab_size: int = 1024
-    tokenizer_max_chars: int = 100_000_000
-    # Model (MinRNNConfig); vocab_size None = the tokenizer's size.
-    cell_type: str = "mingru"
-    hidden_size: int = 128
-    num_hidden_layers: int = 3
-    expansion_factor: float = 2.0
-    conv_kernel: int = 4
-    intermediate_size: int = 512
-    dropout: float = 0.0
-    tie_word_embeddings: bool = True
-    scan_backend: str = "auto"
-    vocab_size: int | None = None
-    # Optimisation. batch_size is per process and micro-step:
-    # global batch = batch_size * processes * gradient_accumulation_steps blocks.
-    block_size: int = 128
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 300
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    mixed_precision: str | None = None  # None: what `accelerate launch` was given; else no/fp16/bf16
-    seed: int = 0
+    Settings are saved in each checkpoint; `--resume` refuses to change those that steer the trajectory.
+    """
+
+    # Data.
+    dataset: list[str] | None = HfArg(
+        default=None, help="local .txt/.jsonl/.parquet files (paths, globs) or one Hub dataset id; "
+        "none = the embedded corpus (pydoc_data.topics)")
+    dataset_config: str | None = HfArg(default=None, help="Hub dataset configuration name")
+    text_column: str = HfArg(default="text", help="column holding the text (.jsonl, .parquet, Hub)")
+    streaming: bool = HfArg(default=False, help="stream the dataset instead of loading it whole")
+    val_fraction: float = HfArg(default=0.1, help="held out from corpora without a validation split (last characters)")
+    val_documents: int = HfArg(default=1000, help="held out from streams without a validation split (first documents)")
+    # Tokenizer.
+    tokenizer: str | None = HfArg(default=None, help="a saved tokenizer folder; none = train one on the training split at start")
+    char_level: bool = HfArg(default=False, help="train a character-level tokenizer instead of byte-level BPE")
+    tokenizer_vocab_size: int = HfArg(default=1024, help="size of the BPE tokenizer trained at start")
+    tokenizer_max_chars: int = HfArg(default=100_000_000, help="characters the tokenizer is trained on, at most")
+    # Model (MinRNNConfig).
+    cell_type: CellType = HfArg(default="mingru", help="the recurrent cell")
+    hidden_size: int = HfArg(default=128, help="model width")
+    num_hidden_layers: int = HfArg(default=3, help="number of blocks")
+    expansion_factor: float = HfArg(default=2.0, help="recurrent state width / hidden_size")
+    conv_kernel: int = HfArg(default=4, help="causal depthwise conv width; 0 = none")
+    intermediate_size: int = HfArg(default=512, help="MLP width; 0 = no MLP")
+    dropout: float = HfArg(default=0.0, help="dropout probability")
+    tie_word_embeddings: bool = HfArg(default=True, help="share the input embedding and the output head")
+    scan_backend: ScanBackend = HfArg(default="auto", help="how the recurrence is computed")
+    vocab_size: int | None = HfArg(default=None, help="model vocabulary; none = the tokenizer's size")
+    # Optimisation: global batch = batch_size * processes * gradient_accumulation_steps blocks.
+    block_size: int = HfArg(default=128, help="tokens per training block")
+    batch_size: int = HfArg(default=16, help="blocks per process and micro-step")
+    gradient_accumulation_steps: int = HfArg(default=1, help="micro-steps per optimizer step")
+    max_steps: int = HfArg(default=300, help="optimizer steps")
+    lr: float = HfArg(default=3e-3, help="peak learning rate (after linear warmup, then cosine decay)")
+    min_lr: float = HfArg(default=3e-4, help="learning rate at max_steps")
+    warmup_steps: int = HfArg(default=30, help="linear warmup steps")
+    weight_decay: float = HfArg(default=0.1, help="AdamW weight decay (matrices only)")
+    beta1: float = HfArg(default=0.9, help="AdamW beta1")
+    beta2: float = HfArg(default=0.95, help="AdamW beta2")
+    grad_clip: float = HfArg(default=1.0, help="gradient norm clipping")
+    mixed_precision: Literal["no", "fp16", "bf16", "fp8"] | None = HfArg(
+        default=None, help="none = what `accelerate launch` was given")
+    seed: int = HfArg(default=0, help="seeds initialisation, data order and dropout")
     # Evaluation and samples.
-    eval_every: int = 100
-    eval_batches: int = 8
-    sample_prompt: str = ""
-    sample_tokens: int = 100
-    sample_temperature: float = 0.8
-    sample_top_k: int = 50
+    eval_every: int = HfArg(default=100, help="steps between evaluations")
+    eval_batches: int = HfArg(default=8, help="validation batches per evaluation")
+    sample_prompt: str = HfArg(default="", help="prompt of the sample shown at each evaluation")
+    sample_tokens: int = HfArg(default=100, help="tokens sampled at each evaluation; 0 = no sample")
+    sample_temperature: float = HfArg(default=0.8, help="sampling temperature")
+    sample_top_k: int = HfArg(default=50, help="top-k sampling; 0 = off")
     # Output.
-    output_dir: str = "out/tiny"
-    save_every: int = 100
-    keep_last: int = 2
-    log_with: str = "tensorboard"  # or "none"
-    push_to_hub: str | None = None
-    hub_private: bool = False
+    output_dir: str = HfArg(default="out/tiny", help="folder of the run: checkpoints, logs, the final model")
+    save_every: int = HfArg(default=100, help="steps between checkpoints")
+    keep_last: int = HfArg(default=2, help="checkpoints kept (older ones are deleted)")
+    log_with: Literal["tensorboard", "none"] = HfArg(default="tensorboard", help="experiment tracker")
+    push_to_hub: str | None = HfArg(default=None, help="Hub repo id to publish checkpoints and the final model to")
+    hub_private: bool = HfArg(default=False, help="create the Hub repo as private")
+
+
+@dataclass
+class LaunchOptions:
+    """How this invocation starts: not part of the run, never saved with it."""
+
+    config: str = HfArg(default=str(DEFAULT_RECIPE), help="recipe file (YAML or JSON) of settings")
+    resume: bool = HfArg(default=False, help="continue the run in output_dir from its latest intact checkpoint")
+    overwrite_output_dir: bool = HfArg(default=False, help="start a new run in an output_dir that holds another one, "
+                                       "deleting that run's checkpoints, logs and model")
 
 
 # Settings a resumed run may change: they do not touch the training trajectory.
 RESUMABLE_CHANGES = {
     "eval_every", "eval_batches", "sample_prompt", "sample_tokens", "sample_temperature", "sample_top_k",
-    "save_every", "keep_last", "log_with", "push_to_hub", "hub_private", "tokenizer_max_chars",
+    "save_every", "keep_last", "log_with", "push_to_hub", "hub_private", "tokenizer_max_chars", "output_dir",
 }
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
@@ -107,99 +134,132 @@ class ConfigError(ValueError):
     """A setting that does not exist or has an invalid value."""
 
 
-def _coerce(key: str, value, source: str):
-    """`value` as the type of setting `key` (YAML and the command line both give strings for `1e-3`)."""
-    expected = FIELD_TYPES[key]
-    optional = type(None) in typing.get_args(expected)
-    base = next((t for t in typing.get_args(expected) if t is not type(None)), expected)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, with its errors raised as one `ConfigError` line (not the usage text and exit 2)."""
+
+    def error(self, message):
+        raise ConfigError(f"command line: {message}")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, then every option with its default (the recipe's value)."""
+
+
+class SettingsParser(_OneLineErrors, HfArgumentParser):
+    """transformers' `HfArgumentParser` for `(TrainConfig, LaunchOptions)`, with a recipe file under the command line.
+
+    What it adds: the recipe's values become the parser's defaults (so options override the recipe, and `--help`
+    shows the recipe's values), every recipe value is checked as strictly as an option, `none` clears an optional
+    setting, an unknown option names its nearest match, and every error is one line.
+    Options are spelled `--max-steps` or `--max_steps`; abbreviations are refused.
+    """
+
+    def __init__(self):
+        super().__init__((TrainConfig, LaunchOptions), description=__doc__, formatter_class=_HelpFormatter,
+                         allow_abbrev=False)
+        for action in self._actions:
+            optional = action.dest in FIELD_TYPES and type(None) in typing.get_args(FIELD_TYPES[action.dest])
+            if optional and action.nargs != "+":
+                action.type = _none_or(action.type)
+                if action.choices is not None:
+                    action.choices = (*action.choices, None)
+
+    def parse(self, argv: list[str]) -> tuple[TrainConfig, LaunchOptions]:
+        """Settings from the recipe named by `--config` (default configs/tiny.yaml), overridden by `argv`."""
+        recipe_flag = _OneLineErrors(add_help=False, allow_abbrev=False)
+        recipe_flag.add_argument("--config", default=str(DEFAULT_RECIPE))
+        self.set_defaults(**self.recipe_settings(recipe_flag.parse_known_args(argv)[0].config))
+        config, options, unknown = self.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True, look_for_args_file=False)
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], self._option_string_actions, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"command line: unknown argument {unknown[0]!r}{hint}; --help lists the settings")
+        if config.dataset in (["none"], ["null"]):  # a list option reads `--dataset none` as one file name
+            config.dataset = None
+        return config, options
+
+    def recipe_settings(self, path: str) -> dict:
+        """The settings of a YAML (or JSON) recipe, each converted and checked as its option would be."""
+        import yaml
+
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark
+            raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: "
+                              f"{error.problem}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not a YAML or JSON recipe ({error})") from None
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of settings, got {type(raw).__name__}")
+        actions = {action.dest: action for action in self._actions}
+        settings = {}
+        for key, value in raw.items():
+            if key not in FIELD_TYPES:
+                near = difflib.get_close_matches(str(key), FIELD_TYPES, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"{path}: unknown setting {key!r}{hint}; --help lists the settings")
+            settings[key] = _recipe_value(actions[key], key, value, path)
+        return settings
+
+
+def _none_or(convert):
+    """An option's type that also reads `none` / `null` as None."""
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in "invalid <type> value"
+    return parse
+
+
+def _scalar_type(key: str) -> type:
+    """The Python type of one value of setting `key` (a list's element; str for a choice)."""
+    kind = FIELD_TYPES[key]
+    if type(None) in typing.get_args(kind):
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if typing.get_origin(kind) is list:
+        kind = typing.get_args(kind)[0]
+    return str if typing.get_origin(kind) is Literal else kind
+
+
+def _recipe_value(action, key: str, value, source: str):
+    """A recipe's `value` for setting `key`: text is read as on the command line; anything else must match."""
+    kind = _scalar_type(key)
+    if value is None:
+        if type(None) in typing.get_args(FIELD_TYPES[key]):
             return None
-        raise ConfigError(f"{source}: {key} cannot be empty; give a {base.__name__}")
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except ValueError:
-        raise ConfigError(f"{source}: {key}={value!r} is not a valid {base.__name__}") from None
+        raise ConfigError(f"{source}: {key} cannot be empty; give a {kind.__name__}")
+    many = action.nargs == "+"
+    items = value if many and isinstance(value, list) else [value]
+    converted = []
+    for item in items:
+        if isinstance(item, str) and kind is not str:
+            try:
+                item = action.type(item)
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                raise ConfigError(f"{source}: {key}={value!r} is not a valid {kind.__name__}") from None
+        elif kind is float and isinstance(item, int) and not isinstance(item, bool):
+            item = float(item)
+        elif not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+            what = f"a {type(item).__name__}" if isinstance(item, (list, dict)) else f"{type(item).__name__} {item!r}"
+            quote = " (in quotes, for text)" if kind is str else ""
+            raise ConfigError(f"{source}: {key}={value!r} is {what}; give one {kind.__name__}{quote}")
+        if action.choices is not None and item not in action.choices:
+            choices = ", ".join(str(choice) for choice in action.choices if choice is not None)
+            raise ConfigError(f"{source}: {key}={item!r} is not one of {choices}")
+        converted.append(item)
+    return converted if many else converted[0]
 
 
-def _unknown(key: str, source: str) -> ConfigError:
-    valid = ", ".join(sorted(FIELD_TYPES))
-    return ConfigError(f"{source}: unknown setting {key!r}. Valid settings: {valid} (and --config, --resume)")
-
-
-def load_recipe(path: str | os.PathLike) -> dict:
-    """The settings of a recipe YAML file, checked against `TrainConfig`."""
-    import yaml
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of settings, got {type(raw).__name__}")
-    settings = {}
-    for key, value in raw.items():
-        if key not in FIELD_TYPES:
-            raise _unknown(key, str(path))
-        settings[key] = _coerce(key, value, str(path))
-    return settings
-
-
-def parse_args(argv: list[str]) -> tuple[TrainConfig, bool]:
-    """`(config, resume)` from `[--config FILE] [--resume] [--key value ...]`; `--key=value` works too."""
-    recipe, resume, overrides = str(DEFAULT_RECIPE), False, {}
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        index += 1
-        if not token.startswith("--"):
-            raise ConfigError(f"command line: unexpected argument {token!r}; settings are given as --key value")
-        key, has_value, value = token[2:].partition("=")
-        key = key.replace("-", "_")
-        if key in ("help", "h"):
-            print(__doc__)
-            print("Settings (defaults before the recipe; configs/tiny.yaml is the default recipe):")
-            for name, default in dataclasses.asdict(TrainConfig()).items():
-                kind = getattr(FIELD_TYPES[name], "__name__", str(FIELD_TYPES[name]))
-                print(f"  --{name.replace('_', '-'):<28} {kind:<12} default {default!r}")
-            raise SystemExit(0)
-        if key == "resume":
-            resume = True
-            continue
-        if key != "config" and key not in FIELD_TYPES:
-            raise _unknown(key, "command line")
-        if not has_value:
-            # A bare boolean flag (`--streaming`) means true.
-            flag = key != "config" and FIELD_TYPES[key] is bool
-            if flag and (index == len(argv) or argv[index].startswith("--")):
-                value = "true"
-            elif index == len(argv):
-                raise ConfigError(f"command line: --{key.replace('_', '-')} needs a value")
-            else:
-                value, index = argv[index], index + 1
-        if key == "config":
-            recipe = value
-        else:
-            overrides[key] = _coerce(key, value, "command line")
-    config = TrainConfig(**{**load_recipe(recipe), **overrides})
+def parse_args(argv: list[str]) -> tuple[TrainConfig, LaunchOptions]:
+    """`(settings, launch options)` from `[--config FILE] [--resume] [--key value ...]`; `--key=value` works too."""
+    config, options = SettingsParser().parse(argv)
     validate(config)
-    return config, resume
+    return config, options
 
 
 def validate(config: TrainConfig) -> None:
@@ -213,10 +273,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"warmup_steps={config.warmup_steps} must be >= 0")
     if not 0 < config.min_lr <= config.lr:
         raise ConfigError(f"min_lr={config.min_lr} must be in (0, lr={config.lr}]")
-    if config.mixed_precision not in (None, "no", "fp16", "bf16", "fp8"):
-        raise ConfigError(f"mixed_precision={config.mixed_precision!r} must be one of no, fp16, bf16, fp8 (or none)")
-    if config.log_with not in ("tensorboard", "none"):
-        raise ConfigError(f"log_with={config.log_with!r} must be 'tensorboard' or 'none'")
     if config.streaming and not config.dataset:
         raise ConfigError("streaming=true needs --dataset (the embedded corpus is read in memory)")
     if config.sample_tokens < 0 or config.sample_temperature <= 0 or config.sample_top_k < 0:
@@ -456,7 +512,7 @@ def _restart_log(log_path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig, resume: bool) -> dict:
+def train(config: TrainConfig, options: LaunchOptions) -> dict:
     """Run (or continue) a training run; returns the training summary."""
     import torch
     from accelerate import Accelerator
@@ -489,7 +545,7 @@ def train(config: TrainConfig, resume: bool) -> dict:
             f"{accelerator.gradient_accumulation_steps}; remove it from the accelerate config or make them equal"
         )
     checkpoint, saved = None, None
-    if resume:
+    if options.resume:
         checkpoint = latest_checkpoint(config.output_dir)
         if checkpoint is None:
             raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_dir(config.output_dir)}")

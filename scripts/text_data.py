@@ -5,8 +5,8 @@ One loader serves both scripts (`train_tokenizer.py`, `pretrain.py`):
 - no dataset: the embedded default corpus, Python's own documentation topics
   (`pydoc_data.topics`, ~465k characters of English shipped with every CPython), so the
   main job runs offline with nothing outside the installed project;
-- local `.txt` / `.jsonl` / `.json` / `.parquet` files (a path, a glob or a comma list),
-  read through `datasets` (a text file is one document);
+- local `.txt` / `.jsonl` / `.json` / `.parquet` files (a list of paths and globs, or one
+  string with a comma list), read through `datasets` (a text file is one document);
 - a Hugging Face Hub dataset id (`--dataset-config`, `--text-column`), streamed when asked.
 
 Finite corpora without a validation split hold out the last `val_fraction` of their
@@ -52,9 +52,15 @@ def default_corpus() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
+def _parts(dataset: str | list[str]) -> list[str]:
+    """The paths, globs or Hub id that `dataset` names: a list of them, or one string with a comma list."""
+    items = [dataset] if isinstance(dataset, str) else list(dataset)
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
 def _local_files(spec: str) -> list[str] | None:
     """The files `spec` names (path, glob or comma list), or None when it is not local."""
-    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    parts = _parts(spec)
     looks_local = any(
         os.path.exists(part) or any(ch in part for ch in "*?[") or os.path.splitext(part)[1].lower() in LOCAL_BUILDERS
         for part in parts
@@ -114,7 +120,7 @@ def split_by_characters(documents: list[str], val_fraction: float) -> tuple[list
 
 
 def load_text_splits(
-    dataset: str | None = None,
+    dataset: str | list[str] | None = None,
     *,
     dataset_config: str | None = None,
     text_column: str = "text",
@@ -123,6 +129,8 @@ def load_text_splits(
     val_documents: int = 1000,
 ) -> TextSplits:
     """Load `dataset` (None: the embedded default corpus) as train/validation text.
+
+    `dataset` is a Hub id or local files: a list of paths and globs, or one string with a comma list.
 
     Raises a clear error for a missing file, a missing text column or an empty corpus.
     """
@@ -134,6 +142,7 @@ def load_text_splits(
 
     import datasets
 
+    dataset = ",".join(_parts(dataset))  # one name for the corpus, the comma list of its parts
     files = _local_files(dataset)
     if files is not None:
         builder = _builder_for(files)
