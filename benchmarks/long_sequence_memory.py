@@ -124,7 +124,7 @@ def report(rows: list, args) -> str:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
         f"threads, torch {torch.__version__}; shared with other jobs, so times are rough (compare within the run).",
         "",
-        "Command: `python benchmarks/long_sequence_memory.py " + " ".join(sys.argv[1:]) + "`",
+        "Command: `" + " ".join(["python benchmarks/long_sequence_memory.py", *sys.argv[1:]]) + "`",
         "",
     ]
     return "\n".join(header + table) + "\n"

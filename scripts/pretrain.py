@@ -85,6 +85,10 @@ class TrainConfig:
     block_size: int = HfArg(default=128, help="tokens per training block")
     batch_size: int = HfArg(default=16, help="blocks per process and micro-step")
     gradient_accumulation_steps: int = HfArg(default=1, help="micro-steps per optimizer step")
+    backprop_chunk_size: int | None = HfArg(
+        default=None, help="backprop through each block in chunks of this many tokens, each recomputed from the "
+        "state at its start: the exact gradients in the memory of one chunk, so block_size can exceed memory; "
+        "none = one backward over the whole block")
     max_steps: int = HfArg(default=300, help="optimizer steps")
     lr: float = HfArg(default=3e-3, help="peak learning rate (after linear warmup, then cosine decay)")
     min_lr: float = HfArg(default=3e-4, help="learning rate at max_steps")
@@ -271,6 +275,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key}={getattr(config, key)} must be >= 1")
     if config.warmup_steps < 0:
         raise ConfigError(f"warmup_steps={config.warmup_steps} must be >= 0")
+    if config.backprop_chunk_size is not None and config.backprop_chunk_size < 1:
+        raise ConfigError(f"backprop_chunk_size={config.backprop_chunk_size} must be >= 1 (or none: no chunking)")
     if not 0 < config.min_lr <= config.lr:
         raise ConfigError(f"min_lr={config.min_lr} must be in (0, lr={config.lr}]")
     if config.streaming and not config.dataset:
@@ -516,7 +522,7 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
     """Run (or continue) a training run; returns the training summary."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from huggingface_hub.errors import StrictDataclassError  # what MinRNNConfig's validators raise
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -524,6 +530,7 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
 
     import modeling_minrnn  # noqa: F401  (registers "minrnn" with the Auto classes and for remote code)
     from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
+    from modeling_minrnn.long_sequence import chunked_backward
     from text_data import load_text_splits
 
     disable_progress_bar()  # save_pretrained's own bars would break the training bar's line
@@ -543,6 +550,14 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
         raise ConfigError(
             f"gradient_accumulation_steps={config.gradient_accumulation_steps} but the accelerate config sets "
             f"{accelerator.gradient_accumulation_steps}; remove it from the accelerate config or make them equal"
+        )
+    if config.backprop_chunk_size and (
+        accelerator.mixed_precision == "fp16" or accelerator.distributed_type == DistributedType.DEEPSPEED
+    ):
+        # Both need their own backward (fp16's loss scaler, DeepSpeed's engine); chunks are backpropagated directly.
+        raise ConfigError(
+            f"backprop_chunk_size={config.backprop_chunk_size} does not work with fp16 loss scaling or DeepSpeed; "
+            "use bf16 or no mixed precision, and DDP or FSDP"
         )
     checkpoint, saved = None, None
     if options.resume:
@@ -660,8 +675,14 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
             crc = zlib.crc32(rows.tobytes(), crc)
             batch = torch.from_numpy(rows).to(accelerator.device)
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                accelerator.backward(loss)
+                if config.backprop_chunk_size:
+                    # Normalised as `accelerator.backward` scales the mean loss: over the step's micro-batches.
+                    targets = batch.shape[0] * (batch.shape[1] - 1) * config.gradient_accumulation_steps
+                    loss = chunked_backward(model, batch, chunk_size=config.backprop_chunk_size,
+                                            num_items_in_batch=targets).loss * config.gradient_accumulation_steps
+                else:
+                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                    accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if accelerator.sync_gradients else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ shorter than the conv window, padding and -100 labels, gradient accumulation, ev
 """
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from conftest import tiny_model as identity_conv_model
 from modeling_minrnn.long_sequence import _GraphStateLayer
+from test_pretrain import TINY, accelerate_launch, pretrain, run, step_losses
 from transformers.cache_utils import Cache
 
 
@@ -185,3 +187,29 @@ def test_benchmark_peak_memory_is_flat_in_length(tmp_path):
     assert peak["full", 32768] > 3 * peak["full", 8192]
     assert peak["chunked", 32768] < peak["full", 32768] / 4
     assert "| 32,768 | chunked (2,048) |" in (tmp_path / "long_sequence_memory.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ scripts/pretrain.py
+
+
+def test_pretrain_backprop_chunk_size_trains_the_same_model(tmp_path):
+    """`--backprop-chunk-size` (chunks of 7 tokens in blocks of 32) on 2 DDP processes with gradient accumulation
+    follows the trajectory of full backprop on one process: same losses step by step, same final eval loss."""
+    common = [*TINY, "--max-steps", "4", "--eval-every", "4", "--save-every", "4", "--gradient-accumulation-steps", "2"]
+    run([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "full")])
+    run([*common, "--batch-size", "2", "--backprop-chunk-size", "7", "--output-dir", str(tmp_path / "chunked")],
+        launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"))
+    full, chunked = step_losses(tmp_path / "full"), step_losses(tmp_path / "chunked")
+    assert sorted(full) == sorted(chunked) == [1, 2, 3, 4]
+    for step in full:
+        assert chunked[step] == pytest.approx(full[step], rel=1e-4, abs=1e-5), step
+    summaries = [json.loads((tmp_path / name / "training_summary.json").read_text()) for name in ("full", "chunked")]
+    assert summaries[1]["final_eval_loss"] == pytest.approx(summaries[0]["final_eval_loss"], rel=1e-4)
+    assert summaries[1]["config"]["backprop_chunk_size"] == 7
+
+
+def test_pretrain_backprop_chunk_size_must_be_positive():
+    with pytest.raises(pretrain.ConfigError, match=r"^backprop_chunk_size=0 must be >= 1 \(or none: no chunking\)$"):
+        pretrain.parse_args(["--backprop-chunk-size", "0"])
+    assert pretrain.parse_args(["--backprop-chunk-size", "none"])[0].backprop_chunk_size is None
