@@ -36,14 +36,16 @@ def tiny_model(seed=0, **overrides):
 
 
 def batch(seq=23, seed=0):
-    """Two rows: the first with ignored labels in its middle, the second right-padded (masked, labels -100)."""
+    """Three rows: ignored labels in the middle of the first, the second right-padded and the third left-padded
+    (whole chunks of padding at small chunk sizes); padding is masked and its labels are -100."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 48, (2, seq), generator=generator)
+    ids = torch.randint(3, 48, (3, seq), generator=generator)
     labels = ids.clone()
     labels[0, 5:9] = -100
     mask = torch.ones_like(ids)
     mask[1, seq - 6 :] = 0
-    labels[1, seq - 6 :] = -100
+    mask[2, :9] = 0
+    labels[mask == 0] = -100
     return ids, labels, mask
 
 
@@ -89,8 +91,8 @@ def test_every_scan_backend(backend):
 
 
 def test_gradient_accumulation_adds_into_grad():
-    """Two calls on the two halves of a batch, normalised by the whole batch's targets, give the whole batch's
-    gradient (the Trainer's `num_items_in_batch` convention)."""
+    """One call per row, normalised by the whole batch's targets, gives the whole batch's gradient (the Trainer's
+    `num_items_in_batch` convention)."""
     model = tiny_model()
     ids, labels, mask = batch(seq=19)
     loss, expected = full_backprop(model, ids, labels, mask)
@@ -99,7 +101,7 @@ def test_gradient_accumulation_adds_into_grad():
     losses = [
         model.chunked_backward(ids[i : i + 1], labels[i : i + 1], mask[i : i + 1], chunk_size=5,
                                num_items_in_batch=total).loss
-        for i in range(2)
+        for i in range(len(ids))
     ]
     torch.testing.assert_close(sum(losses), loss, rtol=1e-6, atol=1e-6)
     assert_grads_close({name: p.grad for name, p in model.named_parameters()}, expected)
@@ -154,7 +156,7 @@ def test_dropout_many_chunks_equal_one_graph_over_all_chunks():
     (dict(chunk_size=2.5), "`chunk_size` must be an int >= 1"),
     (dict(input_ids=torch.tensor([3, 4, 5])), "`input_ids` must be a tensor of shape (batch, seq) with seq >= 2"),
     (dict(input_ids=torch.tensor([[3]])), "`input_ids` must be a tensor of shape (batch, seq) with seq >= 2"),
-    (dict(labels=torch.ones(2, 5, dtype=torch.long)), "`labels` must have the shape of `input_ids` (2, 8)"),
+    (dict(labels=torch.ones(2, 5, dtype=torch.long)), "`labels` must have the shape of `input_ids` (2, 8); got (2, 5)"),
     (dict(attention_mask=torch.ones(1, 8)), "`attention_mask` must have the shape of `input_ids` (2, 8)"),
     (dict(labels=torch.full((2, 8), -100)), "Every target in `labels` is -100"),
     (dict(num_items_in_batch=0), "`num_items_in_batch` must be > 0"),
