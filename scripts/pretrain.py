@@ -1,8 +1,8 @@
 """Pretrain a minGRU / minLSTM language model with accelerate, from one CPU to many GPUs.
 
     accelerate launch scripts/pretrain.py                       # tiny recipe on the embedded corpus, offline
-    accelerate launch scripts/pretrain.py --config configs/shakespeare_char.yaml \\
-        --dataset ../shared/data/tinyshakespeare.txt --max-steps 2000
+    python scripts/download_tinyshakespeare.py && \\
+        accelerate launch scripts/pretrain.py --config configs/shakespeare_char.yaml --max-steps 2000
     accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --batch-size 8   # 2 gloo processes on a CPU machine
     accelerate launch scripts/pretrain.py --output-dir out/tiny --resume   # continue after a crash
 
@@ -21,6 +21,8 @@ per evaluation), `loss_curve.png`, TensorBoard logs and `checkpoints/step-000020
 import argparse
 import dataclasses
 import difflib
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -135,7 +137,11 @@ FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 
 class ConfigError(ValueError):
-    """A setting that does not exist or has an invalid value."""
+    """A setting that does not exist or has an invalid value (or data, a folder, a checkpoint that cannot serve)."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (the loss diverged); like `ConfigError`, shown as one line without a traceback."""
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -293,6 +299,106 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+# ----------------------------------------------------------------------------------------- before the run
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, from the first process only (every process runs the checks)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Preflight:
+    """What the checks before the run found."""
+
+    checkpoint: Path | None  # the checkpoint to resume from
+    log_with: str  # the tracker, "none" when its package is missing
+    plot_loss_curve: bool  # False when matplotlib is missing
+
+
+def preflight(config: TrainConfig, options: LaunchOptions) -> Preflight:
+    """Every check that needs neither data loading nor training, in about a second: one line per problem.
+
+    Data files, the tokenizer folder, the output folder, the checkpoint to resume (its recorded sizes and hashes),
+    the packages of side outputs (skipped with a warning), then the model settings (the first import of torch).
+    """
+    from huggingface_hub.errors import StrictDataclassError  # what MinRNNConfig's validators raise
+
+    from text_data import check_local_files
+
+    try:
+        check_local_files(config.dataset)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
+    if options.resume and options.overwrite_output_dir:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite_output_dir deletes it; give one")
+    if options.resume:
+        checkpoint = resumable_checkpoint(config.output_dir)
+    else:
+        checkpoint = None
+        check_output_dir(config.output_dir, options.overwrite_output_dir)
+        if config.tokenizer and not Path(config.tokenizer).is_dir():
+            raise ConfigError(f"tokenizer={config.tokenizer!r}: no such folder (train one with scripts/train_tokenizer.py)")
+    log_with = config.log_with
+    if log_with == "tensorboard" and not _installed("tensorboard", "tensorboardX", skipped="TensorBoard logs"):
+        log_with = "none"
+    plot = _installed("matplotlib", skipped="loss_curve.png")
+    try:
+        model_config(config, config.vocab_size or config.tokenizer_vocab_size)
+    except (ValueError, StrictDataclassError) as error:
+        raise ConfigError(str(error)) from None
+    return Preflight(checkpoint, log_with, plot)
+
+
+def _installed(*modules: str, skipped: str) -> bool:
+    """Whether one of `modules` can be imported; if not, warn that the side output `skipped` is left out."""
+    if any(importlib.util.find_spec(module) is not None for module in modules):
+        return True
+    warn(f"{skipped} skipped: {modules[0]} is not installed (pip install {modules[0]})")
+    return False
+
+
+def model_config(config: TrainConfig, vocab_size: int, tokenizer=None):
+    """The `MinRNNConfig` of the run (its validators reject bad model settings); special ids from `tokenizer`."""
+    from modeling_minrnn import MinRNNConfig
+
+    special = {} if tokenizer is None else {
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id}
+    return MinRNNConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        cell_type=config.cell_type, expansion_factor=config.expansion_factor, conv_kernel=config.conv_kernel,
+        intermediate_size=config.intermediate_size, dropout=config.dropout, scan_backend=config.scan_backend,
+        tie_word_embeddings=config.tie_word_embeddings, use_cache=True, **special,
+    )
+
+
+# Files and folders a run writes into output_dir besides its final model.
+RUN_RECORDS = ("checkpoints", "train_log.jsonl", "training_summary.json", "loss_curve.png", "tensorboard", "tokenizer")
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds another one (unless told to replace it)."""
+    found = [name for name in RUN_RECORDS if (Path(output_dir) / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(
+            f"output_dir {output_dir} holds another run ({', '.join(found)}); continue it with --resume, "
+            "choose a new --output-dir, or pass --overwrite_output_dir to delete it and start over")
+
+
+def remove_run(output_dir: str) -> None:
+    """Delete a previous run's records and final model (`--overwrite_output_dir`), nothing else in the folder."""
+    # The final model's files are those its checkpoints' model folders hold (save_pretrained's names).
+    model_files = {path.name for path in checkpoint_dir(output_dir).glob(f"{CHECKPOINT_PREFIX}*/pretrained/*")}
+    for name in (*RUN_RECORDS, *sorted(model_files)):
+        path = Path(output_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 # ----------------------------------------------------------------------------------------- data, tokenizer
 
 
@@ -307,8 +413,6 @@ def prepare_tokenizer(config: TrainConfig, splits, accelerator, checkpoint: Path
         source = checkpoint / "pretrained"
     elif config.tokenizer:
         source = Path(config.tokenizer)
-        if not source.is_dir():
-            raise ConfigError(f"tokenizer={config.tokenizer!r}: no such folder (train one with scripts/train_tokenizer.py)")
     else:
         # Trained once, by the main process, then loaded by all: every process gets the same ids.
         source = Path(config.output_dir) / "tokenizer"
@@ -363,13 +467,65 @@ def checkpoint_dir(output_dir: str) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest_checkpoint(output_dir: str) -> Path | None:
-    """The complete checkpoint with the highest step, or None. Incomplete ones lack the marker."""
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """The complete checkpoints, lowest step first. Incomplete ones lack the marker."""
     done = [
         path for path in checkpoint_dir(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
         if (path / COMPLETE_MARKER).is_file() and path.name[len(CHECKPOINT_PREFIX):].isdigit()
     ]
-    return max(done, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]), default=None)
+    return sorted(done, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def checkpoint_manifest(folder: Path) -> dict:
+    """`{relative path: [size, sha256]}` of every file in a checkpoint, recorded when it is completed."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != COMPLETE_MARKER)
+    return {path.relative_to(folder).as_posix(): [path.stat().st_size, _sha256(path)] for path in files}
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (missing, truncated, changed), or None if intact."""
+    try:
+        recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text()).get("files", {})
+    except (ValueError, OSError) as error:
+        return f"{checkpoint / COMPLETE_MARKER} is unreadable ({error})"
+    for name, (size, _) in recorded.items():  # sizes first: a truncated file is found without reading the rest
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size:,} bytes, {size:,} when saved"
+    for name, (_, digest) in recorded.items():
+        if _sha256(checkpoint / name) != digest:
+            return f"{checkpoint / name} differs from the file saved (sha256)"
+    return None
+
+
+def resumable_checkpoint(output_dir: str) -> Path:
+    """The newest intact checkpoint; each damaged newer one is named in a warning (or, if none is intact, an error)."""
+    candidates = complete_checkpoints(output_dir)
+    if not candidates:
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_dir(output_dir)}")
+    damage = []
+    for checkpoint in reversed(candidates):
+        problem = checkpoint_damage(checkpoint)
+        if problem is None:
+            for text in damage:
+                warn(f"damaged checkpoint skipped: {text}; resuming from {checkpoint.name}")
+            return checkpoint
+        damage.append(problem)
+    raise ConfigError(f"--resume: no intact checkpoint in {checkpoint_dir(output_dir)} ({'; '.join(damage)}); "
+                      "start over with --overwrite_output_dir")
 
 
 def _fsync(*paths: Path) -> None:
@@ -401,14 +557,14 @@ def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: d
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": dataclasses.asdict(config)}, indent=2))
         _fsync(*sorted(tmp.rglob("*"), reverse=True), tmp)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": state["step"]}))
+        # Sizes and hashes of what was written: --resume skips a checkpoint damaged since (truncated, changed).
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": state["step"], "files": checkpoint_manifest(tmp)}))
         _fsync(tmp / COMPLETE_MARKER, tmp)
         if final.exists():  # only after a resume from an older step re-reaches this one; the new copy is complete
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-        complete = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_MARKER).is_file())
-        for old in complete[: -config.keep_last]:
+        for old in complete_checkpoints(config.output_dir)[: -config.keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -518,18 +674,17 @@ def _restart_log(log_path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig, options: LaunchOptions) -> dict:
-    """Run (or continue) a training run; returns the training summary."""
+def train(config: TrainConfig, options: LaunchOptions, checked: Preflight) -> dict:
+    """Run (or continue) a training run after `preflight`; returns the training summary."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
-    from huggingface_hub.errors import StrictDataclassError  # what MinRNNConfig's validators raise
+    from accelerate.utils import set_seed, str_to_bool
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
     from transformers.utils.logging import disable_progress_bar
 
     import modeling_minrnn  # noqa: F401  (registers "minrnn" with the Auto classes and for remote code)
-    from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
+    from modeling_minrnn import MinRNNForCausalLM
     from modeling_minrnn.long_sequence import chunked_backward
     from text_data import load_text_splits
 
@@ -541,7 +696,7 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
         cpu=not torch.accelerator.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=None if config.log_with == "none" else config.log_with,
+        log_with=None if checked.log_with == "none" else checked.log_with,
         project_dir=str(output_dir),
     )
     world, main = accelerator.num_processes, accelerator.is_main_process
@@ -551,23 +706,26 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
             f"gradient_accumulation_steps={config.gradient_accumulation_steps} but the accelerate config sets "
             f"{accelerator.gradient_accumulation_steps}; remove it from the accelerate config or make them equal"
         )
-    if config.backprop_chunk_size and (
-        accelerator.mixed_precision == "fp16" or accelerator.distributed_type == DistributedType.DEEPSPEED
-    ):
+    mode = accelerator.distributed_type.value
+    if config.backprop_chunk_size and (accelerator.mixed_precision == "fp16" or mode == "DEEPSPEED"):
         # Both need their own backward (fp16's loss scaler, DeepSpeed's engine); chunks are backpropagated directly.
         raise ConfigError(
             f"backprop_chunk_size={config.backprop_chunk_size} does not work with fp16 loss scaling or DeepSpeed; "
             "use bf16 or no mixed precision, and DDP or FSDP"
         )
-    checkpoint, saved = None, None
-    if options.resume:
-        checkpoint = latest_checkpoint(config.output_dir)
-        if checkpoint is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_dir(config.output_dir)}")
+    for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        # accelerate falls back to plain data parallelism without a word where it cannot apply them (e.g. on CPUs).
+        if str_to_bool(os.environ.get(variable, "false")) and mode != kind:
+            warn(f"the accelerate config asks for {kind}, but accelerate runs {mode} here "
+                 f"({'no GPU' if accelerator.device.type == 'cpu' else 'not applied'}): every process holds the whole model")
+    checkpoint, saved = checked.checkpoint, None
+    if checkpoint is not None:
         saved = json.loads((checkpoint / "trainer_state.json").read_text())
         check_resumable(config, saved, world, checkpoint)
     set_seed(config.seed)
     if main:
+        if options.overwrite_output_dir:
+            remove_run(config.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in checkpoint_dir(config.output_dir).glob(".tmp-*"):
             shutil.rmtree(stale)  # left by a crash mid-save
@@ -582,17 +740,10 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
         tokenizer = prepare_tokenizer(config, splits, accelerator, checkpoint)
         vocab_size = config.vocab_size or len(tokenizer)
         train_data, val_blocks, train_tokens = prepare_data(config, splits, tokenizer, accelerator, vocab_size)
-        model_config = MinRNNConfig(
-            vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-            cell_type=config.cell_type, expansion_factor=config.expansion_factor, conv_kernel=config.conv_kernel,
-            intermediate_size=config.intermediate_size, dropout=config.dropout, scan_backend=config.scan_backend,
-            tie_word_embeddings=config.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        )
-    except (ValueError, FileNotFoundError, StrictDataclassError) as error:
+    except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
 
-    model = MinRNNForCausalLM(model_config)
+    model = MinRNNForCausalLM(model_config(config, vocab_size, tokenizer))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         do_sample=True, temperature=config.sample_temperature, top_k=config.sample_top_k or None,
@@ -610,6 +761,16 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
     )
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    def leave_out_tied_copies(models, weights, folder):
+        # accelerate's safetensors save drops an alias of a tied weight itself, with a warning at every checkpoint;
+        # leave the tied copies (the output head) out first, as save_pretrained does. Loading re-ties them.
+        for wrapped, state in zip(models, weights):
+            tied = accelerator.unwrap_model(wrapped).all_tied_weights_keys
+            for key in [key for key in state if key.removeprefix("module.") in tied]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(leave_out_tied_copies)
+
     start_step, tokens_seen = 0, 0
     log_path = output_dir / "train_log.jsonl"
     if checkpoint is not None:
@@ -622,7 +783,7 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
             _restart_log(log_path, start_step)
     elif main and log_path.exists():
         log_path.unlink()
-    if accelerator.trackers == [] and config.log_with != "none":
+    if accelerator.trackers == [] and checked.log_with != "none":
         hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
                    for key, value in dataclasses.asdict(config).items()}
         accelerator.init_trackers("tensorboard", config=hparams)
@@ -634,7 +795,7 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
         accelerator.print(
             f"dataset {splits.name} ({data_note}, {len(val_blocks) * world * config.block_size:,} validation tokens), "
             f"tokenizer {len(tokenizer)} tokens, model {config.cell_type} {num_params:,} parameters, "
-            f"{world} process(es), {step_tokens:,} tokens per step"
+            f"{world} process(es), distributed mode {mode}, {step_tokens:,} tokens per step"
             + (f", resuming at step {start_step} from {checkpoint}" if checkpoint is not None else "")
         )
 
@@ -642,6 +803,15 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
         if main:
             with open(log_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+    def plot_loss_curve() -> None:
+        # A side output: whatever goes wrong here (a broken plotting install, a full disk) is a warning, never the
+        # end of the run.
+        if main and checked.plot_loss_curve:
+            try:
+                write_loss_curve(log_path, output_dir / "loss_curve.png")
+            except Exception as error:  # noqa: BLE001
+                warn(f"loss_curve.png not written: {type(error).__name__}: {error}")
 
     def run_eval(step: int) -> float:
         eval_loss = evaluate(accelerator, model, val_blocks, config)
@@ -652,7 +822,7 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
             tqdm.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}")
             if text:
                 tqdm.write(f"--- sample ---\n{text}\n--------------")
-            write_loss_curve(log_path, output_dir / "loss_curve.png")
+        plot_loss_curve()
         return eval_loss
 
     model.train()
@@ -692,7 +862,8 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
                                                 dtype=torch.float64, device=accelerator.device))
         train_loss = float(stats[:, 0].mean())
         if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} at step {step + 1}; lower lr (now {config.lr})")
+            raise TrainingStopped(f"training loss became {train_loss} at step {step + 1}; lower lr (now {config.lr}) "
+                                  "or grad_clip, or resume from an earlier checkpoint with other settings")
         tokens_seen += step_tokens
         done = step + 1
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -728,9 +899,9 @@ def train(config: TrainConfig, options: LaunchOptions) -> dict:
         "num_parameters": num_params,
         "config": dataclasses.asdict(config),
     }
+    plot_loss_curve()
     if main:
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        write_loss_curve(log_path, output_dir / "loss_curve.png")
         accelerator.print(f"wrote {output_dir}: final eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}")
         if config.push_to_hub:
             push(output_dir, config, revision=None)
@@ -748,9 +919,12 @@ def push(folder: Path, config: TrainConfig, revision: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Settings, then every check that can fail early, then the run; a problem the user can fix is one line
+    (`accelerate launch -q` also leaves out the launcher's own traceback after it)."""
     try:
-        train(*parse_args(sys.argv[1:] if argv is None else argv))
-    except ConfigError as error:
+        config, options = parse_args(sys.argv[1:] if argv is None else argv)
+        train(config, options, preflight(config, options))
+    except (ConfigError, TrainingStopped) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -19,6 +19,7 @@ fixed blocks of `block_size` tokens (labels = inputs; the model shifts them).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 from dataclasses import dataclass
@@ -78,6 +79,42 @@ def _local_files(spec: str) -> list[str] | None:
             raise FileNotFoundError(f"dataset {spec!r}: {part!r} matches no readable file (found {matches or 'nothing'})")
         files.extend(matches)
     return files
+
+
+def check_local_files(dataset: str | list[str] | None) -> list[str] | None:
+    """The local files `dataset` names (None: not local), each readable; `.txt` files must be UTF-8 text.
+
+    Cheap enough to run before anything else (no `datasets`), so a bad file is one line, not a traceback
+    from deep inside the loader minutes later.
+    """
+    if not dataset:
+        return None
+    files = _local_files(",".join(_parts(dataset)))
+    for path in files or []:
+        if LOCAL_BUILDERS.get(os.path.splitext(path)[1].lower()) == "text":
+            _check_utf8_text(path)
+    return files
+
+
+def _check_utf8_text(path: str, chunk_bytes: int = 1 << 24) -> None:
+    """Raise naming `path` and the first byte that is not UTF-8 text (a NUL counts: binary data)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        offset = 0
+        while True:
+            chunk = handle.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                at = offset - pending + error.start
+                raise ValueError(f"dataset file {path!r} is not UTF-8 text: byte 0x{error.object[error.start]:02x} at "
+                                 f"offset {at} ({error.reason}); convert it to UTF-8 or leave it out") from None
+            if "\0" in text:
+                raise ValueError(f"dataset file {path!r} is not text: it holds NUL bytes (binary data?); leave it out")
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def _builder_for(files: list[str]) -> str:
@@ -142,8 +179,8 @@ def load_text_splits(
 
     import datasets
 
+    files = check_local_files(dataset)
     dataset = ",".join(_parts(dataset))  # one name for the corpus, the comma list of its parts
-    files = _local_files(dataset)
     if files is not None:
         builder = _builder_for(files)
         kwargs = {"sample_by": "document"} if builder == "text" else {}

@@ -1,7 +1,7 @@
 """Train a tokenizer for minrnn: byte-level BPE (GPT-2 style) or character-level.
 
     python scripts/train_tokenizer.py --dataset data.txt --vocab-size 8192 --out tok/
-    python scripts/train_tokenizer.py --dataset ../shared/data/tinyshakespeare.txt --char-level --out tok/
+    python scripts/train_tokenizer.py --dataset data/tinyshakespeare.txt --char-level --out tok/   # scripts/download_tinyshakespeare.py
 
 Trained on the training split only (validation text stays unseen) and saved as a
 `PreTrainedTokenizerFast` that `AutoTokenizer.from_pretrained(out)` loads, with

@@ -6,6 +6,8 @@ Runs are real subprocesses (`accelerate launch` or `python`) on a tiny model; ea
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,9 +37,9 @@ def _env():
     return env
 
 
-def run(args, *, launcher=(sys.executable,), timeout=300, check=True):
+def run(args, *, launcher=(sys.executable,), timeout=300, check=True, cwd=REPO, script=SCRIPT):
     """Run pretrain.py with `args`; returns the CompletedProcess (output captured)."""
-    result = subprocess.run([*launcher, str(SCRIPT), *args], cwd=REPO, env=_env(), capture_output=True,
+    result = subprocess.run([*launcher, str(script), *args], cwd=cwd, env=_env(), capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"pretrain.py {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -46,6 +48,11 @@ def run(args, *, launcher=(sys.executable,), timeout=300, check=True):
 
 def accelerate_launch(*flags):
     return (sys.executable, "-m", "accelerate.commands.launch", *flags)
+
+
+# Every value the launcher would otherwise warn about ("values were not passed ... had defaults used instead").
+ONE_CPU_PROCESS = ("--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no")
 
 
 def train_log(output_dir: Path) -> list[dict]:
@@ -148,6 +155,83 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     assert final[0] == final[1]
 
 
+def test_second_run_is_refused_and_a_damaged_checkpoint_is_skipped(tmp_path):
+    """One folder, one run: a second run is refused in one line; `--resume` works from a copy of the folder spelled
+    differently and skips a truncated optimizer file with a warning naming it; overwriting leaves only the new run."""
+    common = [*TINY, "--batch-size", "4", "--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--keep-last", "3"]
+    first = tmp_path / "first"
+    done = run([*common, "--output-dir", str(first)])
+    assert "Removed shared tensor" not in done.stderr  # the tied output head is left out before accelerate saves
+    summary = (first / "training_summary.json").read_text()
+
+    again = run([*common, "--output-dir", str(first)], check=False)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines() == [
+        f"error: output_dir {first} holds another run (checkpoints, train_log.jsonl, training_summary.json, "
+        "loss_curve.png, tokenizer); continue it with --resume, choose a new --output-dir, or pass "
+        "--overwrite_output_dir to delete it and start over"]
+    assert (first / "training_summary.json").read_text() == summary
+
+    shutil.copytree(first, tmp_path / "copy")
+    damaged = tmp_path / "copy" / "checkpoints" / "step-0000006" / "optimizer.bin"
+    size = damaged.stat().st_size
+    with open(damaged, "r+b") as handle:
+        handle.truncate(size // 2)
+    resumed = run([*common, "--output-dir", "./copy/", "--resume"], cwd=tmp_path)
+    assert (f"warning: damaged checkpoint skipped: copy/checkpoints/step-0000006/optimizer.bin has {size // 2:,} bytes, "
+            f"{size:,} when saved; resuming from step-0000003") in resumed.stderr
+    assert "resuming at step 3 from copy/checkpoints/step-0000003" in resumed.stdout
+    assert step_losses(tmp_path / "copy") == step_losses(first)
+
+    run([*common, "--max-steps", "2", "--save-every", "1", "--output-dir", str(first), "--overwrite_output_dir"])
+    assert sorted(path.name for path in (first / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    assert sorted(step_losses(first)) == [1, 2]
+    assert json.loads((first / "training_summary.json").read_text())["steps"] == 2
+
+
+def test_no_intact_checkpoint_is_one_line_naming_the_file(tmp_path):
+    root = tmp_path / "checkpoints" / "step-0000004"
+    (root / "pretrained").mkdir(parents=True)
+    (root / "pretrained" / "model.safetensors").write_bytes(b"weights")
+    (root / pretrain.COMPLETE_MARKER).write_text(json.dumps({"step": 4, "files": pretrain.checkpoint_manifest(root)}))
+    assert pretrain.resumable_checkpoint(str(tmp_path)) == root
+    (root / "pretrained" / "model.safetensors").write_bytes(b"weighty")
+    with pytest.raises(pretrain.ConfigError, match=r"no intact checkpoint in .*model.safetensors differs from the file "
+                                                   r"saved \(sha256\)\); start over with --overwrite_output_dir"):
+        pretrain.resumable_checkpoint(str(tmp_path))
+
+
+def test_diverged_loss_is_one_line(tmp_path):
+    result = run([*TINY, "--batch-size", "2", "--max-steps", "5", "--lr", "1e30", "--min-lr", "1e30", "--warmup-steps",
+                  "0", "--output-dir", str(tmp_path / "out")], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(r"\nerror: training loss became (nan|inf) at step \d; lower lr \(now 1e\+30\)", result.stderr)
+
+
+def test_missing_side_output_packages_and_unapplied_fsdp(tmp_path):
+    """Without matplotlib and tensorboard the run warns before the first step and trains to the end; an FSDP
+    accelerate config that accelerate cannot apply on CPUs is named at start."""
+    hide = tmp_path / "without_plots.py"
+    hide.write_text("import runpy, sys\n"
+                    "sys.modules.update(matplotlib=None, tensorboard=None, tensorboardX=None)  # import fails\n"
+                    f"sys.argv[0] = {str(SCRIPT)!r}\n"
+                    f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
+    out = tmp_path / "out"
+    result = run([*TINY, "--log-with", "tensorboard", "--batch-size", "2", "--max-steps", "2", "--eval-every", "1",
+                  "--output-dir", str(out)], script=hide,
+                 launcher=accelerate_launch("--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
+                                            "--num_processes", "1", "--main_process_port", "0"))
+    first_step = result.stderr.index("training:")  # the progress bar
+    assert result.stderr.index("warning: TensorBoard logs skipped: tensorboard is not installed") < first_step
+    assert result.stderr.index("warning: loss_curve.png skipped: matplotlib is not installed") < first_step
+    assert "step 2: eval loss" in result.stdout
+    assert ("warning: the accelerate config asks for FSDP, but accelerate runs MULTI_CPU here (no GPU): every "
+            "process holds the whole model") in result.stderr
+    assert "1 process(es), distributed mode MULTI_CPU" in result.stdout
+    assert (out / "training_summary.json").is_file() and not (out / "loss_curve.png").exists()
+    assert not (out / "tensorboard").exists()
+
+
 def test_accelerate_configs_are_valid():
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -216,6 +300,65 @@ def test_setting_choices_match_the_model():
 
     assert pretrain.typing.get_args(pretrain.CellType) == CELL_TYPES
     assert pretrain.typing.get_args(pretrain.ScanBackend) == SCAN_BACKENDS
+
+
+BAD_INPUTS = {
+    "list.yaml": ("max_steps: [100, 200]\n", r"list.yaml: max_steps=\[100, 200\] is a list; give one int"),
+    "mapping.yaml": ("lr:\n  peak: 0.003\n", r"mapping.yaml: lr=\{'peak': 0.003\} is a dict; give one float"),
+    "syntax.yaml": ("max_steps: 5\nlr: [0.1\n", r"syntax.yaml, line 3, column 1: YAML syntax error: expected ',' or ']'"),
+    "binary.txt": (b"text, then \xff\xfe bytes", r"dataset file '.*binary.txt' is not UTF-8 text: byte 0xff at offset 11 "
+                                                r"\(invalid start byte\)"),
+    "nul.txt": (b"\x00\x01\x02\x00", r"dataset file '.*nul.txt' is not text: it holds NUL bytes"),
+}
+
+
+def test_bad_input_is_one_line_before_any_work(tmp_path):
+    """Recipe and data errors end the run with one line before torch is even imported (no tokenizer, no kernel)."""
+    for name, (content, _) in BAD_INPUTS.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    check = f"""
+import json, sys, time
+sys.path.insert(0, {str(REPO / "scripts")!r})
+import pretrain
+for name in {list(BAD_INPUTS)!r}:
+    flag = "--dataset" if name.endswith(".txt") else "--config"
+    start = time.perf_counter()
+    try:
+        pretrain.main([flag, {str(tmp_path)!r} + "/" + name, "--output-dir", {str(tmp_path / "out")!r}])
+    except SystemExit as exit:
+        print(json.dumps([name, str(exit), "torch" in sys.modules, time.perf_counter() - start]))
+"""
+    result = subprocess.run([sys.executable, "-c", check], env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [name for name, *_ in answers] == list(BAD_INPUTS)
+    for name, message, torch_imported, seconds in answers:
+        assert re.match(f"error: .*{BAD_INPUTS[name][1]}", message) and "\n" not in message, (name, message)
+        assert not torch_imported, f"{name}: torch was imported before the error"
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_under_accelerate_launch_is_one_line(tmp_path):
+    """`accelerate launch -q`: the script's one line and a non-zero exit, no launcher warning or traceback."""
+    recipe = tmp_path / "syntax.yaml"
+    recipe.write_text(BAD_INPUTS["syntax.yaml"][0])
+    start = time.monotonic()
+    result = run(["--config", str(recipe)], launcher=accelerate_launch("-q", *ONE_CPU_PROCESS), check=False)
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    assert result.stderr.strip().splitlines() == [f"error: {recipe}, line 3, column 1: YAML syntax error: expected ',' or ']', but got '<stream end>'"]
+
+
+def test_dataset_list_in_recipe_and_on_the_command_line(tmp_path):
+    for name, text in (("a.txt", "first file " * 50), ("b.txt", "second file " * 50)):
+        (tmp_path / name).write_text(text)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"dataset: [{tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}]\n")
+    from_recipe = pretrain.parse_args(["--config", str(recipe)])[0].dataset
+    from_options = pretrain.parse_args(["--dataset", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])[0].dataset
+    assert from_recipe == from_options == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    splits = load_text_splits(from_recipe)
+    assert splits.train[0].startswith("first file") and splits.validation[-1].endswith("second file ")
+    assert pretrain.parse_args(["--dataset", "none"])[0].dataset is None
 
 
 def test_unknown_key_in_recipe_file(tmp_path):
