@@ -13,6 +13,10 @@ with the recipe's value. Parsed by transformers' `HfArgumentParser` from the dat
 Reading order: settings -> data and tokenizer -> model and optimizer -> the loop
 (learning rate, accumulation, logging, evaluation, checkpoints) -> the final folder.
 
+One output folder holds one run: a new run refuses a folder holding another (`--resume` continues it,
+`--overwrite_output_dir` deletes it). Bad settings, data and checkpoints stop the run with one line
+before any work (`accelerate launch -q` leaves out the launcher's traceback after it).
+
 The output folder holds a `save_pretrained` model (with its remote code), the tokenizer,
 a generation config, `training_summary.json`, `train_log.jsonl` (one line per step, and
 per evaluation), `loss_curve.png`, TensorBoard logs and `checkpoints/step-0000200/`.
@@ -56,6 +60,8 @@ class TrainConfig:
     """Every setting of the training trajectory; a recipe file and command-line options override these defaults.
 
     Settings are saved in each checkpoint; `--resume` refuses to change those that steer the trajectory.
+    A new setting is one field here (`HfArg` with its help; `X | None` accepts `none`, `Literal` gives choices,
+    `list[X]` several values); list it in RESUMABLE_CHANGES when it does not steer the trajectory.
     """
 
     # Data.
@@ -68,7 +74,8 @@ class TrainConfig:
     val_fraction: float = HfArg(default=0.1, help="held out from corpora without a validation split (last characters)")
     val_documents: int = HfArg(default=1000, help="held out from streams without a validation split (first documents)")
     # Tokenizer.
-    tokenizer: str | None = HfArg(default=None, help="a saved tokenizer folder; none = train one on the training split at start")
+    tokenizer: str | None = HfArg(
+        default=None, help="a saved tokenizer folder; none = train one on the training split at start")
     char_level: bool = HfArg(default=False, help="train a character-level tokenizer instead of byte-level BPE")
     tokenizer_vocab_size: int = HfArg(default=1024, help="size of the BPE tokenizer trained at start")
     tokenizer_max_chars: int = HfArg(default=100_000_000, help="characters the tokenizer is trained on, at most")
@@ -339,11 +346,17 @@ def preflight(config: TrainConfig, options: LaunchOptions) -> Preflight:
         checkpoint = None
         check_output_dir(config.output_dir, options.overwrite_output_dir)
         if config.tokenizer and not Path(config.tokenizer).is_dir():
-            raise ConfigError(f"tokenizer={config.tokenizer!r}: no such folder (train one with scripts/train_tokenizer.py)")
+            raise ConfigError(
+                f"tokenizer={config.tokenizer!r}: no such folder (train one with scripts/train_tokenizer.py)")
     log_with = config.log_with
     if log_with == "tensorboard" and not _installed("tensorboard", "tensorboardX", skipped="TensorBoard logs"):
         log_with = "none"
     plot = _installed("matplotlib", skipped="loss_curve.png")
+    if config.push_to_hub:
+        try:
+            import hub_upload.push_to_hub  # noqa: F401  (its dependencies, before the first checkpoint needs them)
+        except ImportError as error:
+            raise ConfigError(f"push_to_hub={config.push_to_hub!r} needs the uploader's packages: {error}") from None
     try:
         model_config(config, config.vocab_size or config.tokenizer_vocab_size)
     except (ValueError, StrictDataclassError) as error:
@@ -716,8 +729,9 @@ def train(config: TrainConfig, options: LaunchOptions, checked: Preflight) -> di
     for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
         # accelerate falls back to plain data parallelism without a word where it cannot apply them (e.g. on CPUs).
         if str_to_bool(os.environ.get(variable, "false")) and mode != kind:
-            warn(f"the accelerate config asks for {kind}, but accelerate runs {mode} here "
-                 f"({'no GPU' if accelerator.device.type == 'cpu' else 'not applied'}): every process holds the whole model")
+            reason = "no GPU" if accelerator.device.type == "cpu" else "not applied"
+            warn(f"the accelerate config asks for {kind}, but accelerate runs {mode} here ({reason}): "
+                 "every process holds the whole model")
     checkpoint, saved = checked.checkpoint, None
     if checkpoint is not None:
         saved = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -910,12 +924,18 @@ def train(config: TrainConfig, options: LaunchOptions, checked: Preflight) -> di
 
 
 def push(folder: Path, config: TrainConfig, revision: str | None) -> None:
-    """Upload a `save_pretrained` folder with the project's Hub uploader (imported only when asked for)."""
-    sys.path.insert(0, str(REPO_ROOT))
-    from hub_upload.push_to_hub import push_checkpoint
+    """Upload a `save_pretrained` folder with the project's Hub uploader (imported only when asked for).
 
-    push_checkpoint(folder, config.push_to_hub, private=config.hub_private, revision=revision,
-                    commit_message=f"minrnn pretraining: {folder.name}")
+    A failed upload is a warning saying how to retry: the run and its files go on without it.
+    """
+    from hub_upload.push_to_hub import PublishError, push_checkpoint
+
+    try:
+        push_checkpoint(folder, config.push_to_hub, private=config.hub_private, revision=revision,
+                        commit_message=f"minrnn pretraining: {folder.name}")
+    except PublishError as error:
+        retry = f"python hub_upload/push_to_hub.py --checkpoint {folder} --repo-id {config.push_to_hub}"
+        warn(f"{folder} not published ({error}); retry with {retry}" + (f" --revision {revision}" if revision else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

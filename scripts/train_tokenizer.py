@@ -1,7 +1,8 @@
 """Train a tokenizer for minrnn: byte-level BPE (GPT-2 style) or character-level.
 
     python scripts/train_tokenizer.py --dataset data.txt --vocab-size 8192 --out tok/
-    python scripts/train_tokenizer.py --dataset data/tinyshakespeare.txt --char-level --out tok/   # scripts/download_tinyshakespeare.py
+    python scripts/download_tinyshakespeare.py   # data/tinyshakespeare.txt
+    python scripts/train_tokenizer.py --dataset data/tinyshakespeare.txt --char-level --out tok/
 
 Trained on the training split only (validation text stays unseen) and saved as a
 `PreTrainedTokenizerFast` that `AutoTokenizer.from_pretrained(out)` loads, with
@@ -100,9 +101,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.streaming and args.max_chars is None:
         raise SystemExit("--streaming needs --max-chars: a tokenizer trainer must see a finite sample of the stream")
-    splits = load_text_splits(args.dataset, dataset_config=args.dataset_config, text_column=args.text_column, streaming=args.streaming)
-    texts = iter_texts(splits.train, args.max_chars)
-    tokenizer = train_tokenizer(texts, char_level=args.char_level, vocab_size=args.vocab_size)
+    try:
+        splits = load_text_splits(args.dataset, dataset_config=args.dataset_config, text_column=args.text_column, streaming=args.streaming)
+        texts = iter_texts(splits.train, args.max_chars)
+        tokenizer = train_tokenizer(texts, char_level=args.char_level, vocab_size=args.vocab_size)
+    except (ValueError, FileNotFoundError) as error:  # bad data or settings: one line, not a traceback
+        raise SystemExit(f"error: {error}") from None
     tokenizer.save_pretrained(args.out)
     kind = "character-level" if args.char_level else "byte-level BPE"
     print(f"saved a {kind} tokenizer with {len(tokenizer)} tokens trained on {splits.name} to {args.out}")

@@ -63,6 +63,16 @@ def test_vocab_too_small_is_a_clear_error():
         train_tokenizer.train_bpe_tokenizer(["text"], 100)
 
 
+def test_bad_data_is_one_line(tmp_path):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes("café".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"^error: dataset file '.*latin1.txt' is not UTF-8 text: byte 0xe9 at "
+                                         r"offset 3"):
+        train_tokenizer.main(["--dataset", str(data), "--out", str(tmp_path / "tok")])
+    with pytest.raises(SystemExit, match=r"^error: vocab_size=100 is too small for byte-level BPE"):
+        train_tokenizer.main(["--vocab-size", "100", "--out", str(tmp_path / "tok")])
+
+
 def test_streaming_needs_a_character_budget(tmp_path):
     with pytest.raises(SystemExit, match="--streaming needs --max-chars"):
         train_tokenizer.main(["--dataset", "x.jsonl", "--streaming", "--out", str(tmp_path)])
