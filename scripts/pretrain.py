@@ -95,6 +95,10 @@ class TrainConfig:
     block_size: int = HfArg(default=128, help="tokens per training block")
     batch_size: int = HfArg(default=16, help="blocks per process and micro-step")
     gradient_accumulation_steps: int = HfArg(default=1, help="micro-steps per optimizer step")
+    backprop_chunk_size: int | None = HfArg(
+        default=None, help="backprop through each block in chunks of this many tokens, each recomputed from the "
+        "state at its start: the exact gradients in the memory of one chunk, so block_size can exceed memory; "
+        "none = one backward over the whole block")
     max_steps: int = HfArg(default=300, help="optimizer steps")
     lr: float = HfArg(default=3e-3, help="peak learning rate (after linear warmup, then cosine decay)")
     min_lr: float = HfArg(default=3e-4, help="learning rate at max_steps")
@@ -291,6 +295,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key}={getattr(config, key)} must be >= 1")
     if config.warmup_steps < 0:
         raise ConfigError(f"warmup_steps={config.warmup_steps} must be >= 0")
+    if config.backprop_chunk_size is not None and config.backprop_chunk_size < 1:
+        raise ConfigError(f"backprop_chunk_size={config.backprop_chunk_size} must be >= 1 (or none: no chunking)")
     if not 0 < config.min_lr <= config.lr:
         raise ConfigError(f"min_lr={config.min_lr} must be in (0, lr={config.lr}]")
     if config.streaming and not config.dataset:
@@ -298,6 +304,9 @@ def validate(config: TrainConfig) -> None:
     if config.carry_state and config.streaming:
         raise ConfigError("carry_state=true needs an in-memory corpus (streaming=false): each row reads its own "
                           "part of it")
+    if config.carry_state and config.backprop_chunk_size:
+        raise ConfigError(f"carry_state=true and backprop_chunk_size={config.backprop_chunk_size} cannot be combined "
+                          "(chunked backprop starts each block from a zero state); give one of them")
     if config.sample_tokens < 0 or config.sample_temperature <= 0 or config.sample_top_k < 0:
         raise ConfigError("sample_tokens and sample_top_k must be >= 0 and sample_temperature > 0")
 
@@ -712,6 +721,7 @@ def train(config: TrainConfig, options: LaunchOptions, checked: Preflight) -> di
 
     import modeling_minrnn  # noqa: F401  (registers "minrnn" with the Auto classes and for remote code)
     from modeling_minrnn import MinRNNForCausalLM
+    from modeling_minrnn.long_sequence import chunked_backward
     from state_streams import CarriedState
     from text_data import load_text_splits
 
@@ -734,6 +744,12 @@ def train(config: TrainConfig, options: LaunchOptions, checked: Preflight) -> di
             f"{accelerator.gradient_accumulation_steps}; remove it from the accelerate config or make them equal"
         )
     mode = accelerator.distributed_type.value
+    if config.backprop_chunk_size and (accelerator.mixed_precision == "fp16" or mode == "DEEPSPEED"):
+        # Both need their own backward (fp16's loss scaler, DeepSpeed's engine); chunks are backpropagated directly.
+        raise ConfigError(
+            f"backprop_chunk_size={config.backprop_chunk_size} does not work with fp16 loss scaling or DeepSpeed; "
+            "use bf16 or no mixed precision, and DDP or FSDP"
+        )
     for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
         # accelerate falls back to plain data parallelism without a word where it cannot apply them (e.g. on CPUs).
         if str_to_bool(os.environ.get(variable, "false")) and mode != kind:
@@ -886,9 +902,15 @@ def train(config: TrainConfig, options: LaunchOptions, checked: Preflight) -> di
                         slice(micro * config.batch_size, (micro + 1) * config.batch_size), step,
                         fresh=train_data.starts_epoch(step),
                     ).loss
+                    accelerator.backward(loss)
+                elif config.backprop_chunk_size:
+                    # Normalised as `accelerator.backward` scales the mean loss: over the step's micro-batches.
+                    predicted = batch.shape[0] * (batch.shape[1] - 1) * config.gradient_accumulation_steps
+                    loss = chunked_backward(model, batch, chunk_size=config.backprop_chunk_size,
+                                            num_items_in_batch=predicted).loss * config.gradient_accumulation_steps
                 else:
                     loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                accelerator.backward(loss)
+                    accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if accelerator.sync_gradients else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

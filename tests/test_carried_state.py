@@ -186,6 +186,7 @@ def test_carried_state_resumes_exactly_after_sigkill(tmp_path, small_corpus):
 @pytest.mark.parametrize("extra, message", [
     (["--state-reset", "doc"], r"--state-reset: invalid choice: 'doc' \(choose from 'eos', 'none'\)"),
     (["--streaming", "--dataset", "x.txt"], r"carry_state=true needs an in-memory corpus"),
+    (["--backprop-chunk-size", "64"], r"carry_state=true and backprop_chunk_size=64 cannot be combined"),
 ])
 def test_carried_state_settings_are_checked(extra, message):
     import pretrain

@@ -1,0 +1,200 @@
+"""Exact loss gradients over a sequence longer than memory: checkpointing over time.
+
+A minGRU/minLSTM block carries its whole past in its cache layer (the state `h` and the conv window), so a long
+sequence splits into chunks that continue exactly where the previous one stopped. `chunked_backward` runs the
+chunks forward without a graph, keeping only the states at the chunk boundaries, then walks back through them:
+each chunk is recomputed with a graph from its saved entering state and backpropagated from its own share of the
+loss plus the gradient that the later chunks sent to its final state; the gradient that reaches its entering
+state goes on to the chunk before. The result is the gradient of the full-sequence loss, in the memory of one
+chunk's activations plus one state per chunk boundary.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, LinearAttentionLayer
+from transformers.utils import ModelOutput
+
+
+IGNORE_INDEX = -100  # the label transformers' losses skip
+
+
+@dataclass
+class ChunkedBackwardOutput(ModelOutput):
+    """
+    loss (`torch.FloatTensor` of shape `()`): the next-token loss over the whole sequence, detached: the mean over
+        the predicted tokens, as `forward(labels=...)` gives it, or their sum over `num_items_in_batch` if given.
+    num_items (`int`): the predicted tokens of this call (targets that are not -100).
+    """
+
+    loss: torch.Tensor | None = None
+    num_items: int | None = None
+
+
+class _GraphStateLayer(LinearAttentionLayer):
+    """One block's state as autograd tensors: each update assigns the new state instead of copying it in place.
+
+    transformers' linear-attention layers copy every new state into the old one's storage (a static address for
+    CUDA graphs). Under autograd that overwrites the entering state, which the scan saved for its backward; here
+    the state after a chunk stays an output of the chunk's graph, which the gradient from later chunks can enter.
+    Built empty (the sequence's start) or holding `h` `(batch, recurrent)` and the conv window
+    `(batch, hidden, conv_kernel)` (None without a conv).
+    """
+
+    def __init__(self, h: torch.Tensor | None = None, conv: torch.Tensor | None = None):
+        super().__init__()
+        if h is not None:
+            self.recurrent_states[0] = h
+            self.is_recurrent_states_initialized[0] = True
+            self.has_previous_state[0] = True
+        if conv is not None:
+            self.conv_states[0] = conv
+            self.conv_kernel_size[0] = conv.shape[-1]
+            self.is_conv_states_initialized[0] = True
+
+    def update_conv_state(self, conv_states, state_idx=0, conv_kernel_size=None, **kwargs):
+        if self.is_conv_states_initialized[state_idx]:
+            full = torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
+        else:  # the sequence's start: the inputs before it are zeros, as the conv's own padding
+            self.conv_kernel_size[state_idx] = conv_kernel_size
+            self.is_conv_states_initialized[state_idx] = True
+            full = F.pad(conv_states, (max(0, conv_kernel_size - conv_states.shape[-1]), 0))
+        self.has_previous_state[state_idx] = True
+        self.conv_states[state_idx] = full[..., -self.conv_kernel_size[state_idx] :]
+        return full
+
+    def update_recurrent_state(self, recurrent_states, state_idx=0, **kwargs):
+        self.recurrent_states[state_idx] = recurrent_states
+        self.is_recurrent_states_initialized[state_idx] = True
+        return recurrent_states
+
+
+def _snapshot(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Copies of every layer's `(h, conv window)`: the cache overwrites its tensors in place on the next chunk."""
+    return [
+        (
+            layer.recurrent_states[0].clone(),
+            layer.conv_states[0][..., -layer.conv_kernel_size[0] :].clone() if layer.is_conv_states_initialized[0]
+            else None,
+        )
+        for layer in cache.layers
+    ]
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _check_inputs(input_ids, labels, attention_mask, chunk_size, num_items_in_batch):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be an int >= 1 (tokens per recomputed chunk); got {chunk_size!r}.")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(
+            f"`input_ids` must be a tensor of shape (batch, seq) with seq >= 2 (the first target is the second "
+            f"token); got {got}."
+        )
+    for name, tensor in (("labels", labels), ("attention_mask", attention_mask)):
+        if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.shape != input_ids.shape):
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"`{name}` must have the shape of `input_ids` {tuple(input_ids.shape)}; got {got}.")
+    if num_items_in_batch is not None and not num_items_in_batch > 0:
+        raise ValueError(f"`num_items_in_batch` must be > 0 (the targets the loss is averaged over); got "
+                         f"{num_items_in_batch}.")
+
+
+def chunked_backward(
+    model,
+    input_ids: torch.LongTensor,
+    labels: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int = 4096,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> ChunkedBackwardOutput:
+    """Next-token loss over `input_ids` `(batch, seq)` and its exact gradients, accumulated into every parameter's
+    `.grad`, in memory bounded by `chunk_size` tokens of activations whatever `seq` is.
+
+    Equals `model(input_ids, labels=labels, attention_mask=attention_mask).loss.backward()` (up to float rounding):
+    the targets are `labels` (default `input_ids`) shifted by one, -100 ignored, and the loss is their mean (or
+    their sum over `num_items_in_batch`, for gradient accumulation over calls). Gradients add to `.grad` as a
+    `backward()` does. In training mode each chunk is recomputed under the random state of its first pass, so
+    dropout masks match. Costs about one forward more than full backprop.
+
+    `model` is a `MinRNNForCausalLM`, or any callable wrapping one (DDP, accelerate) that takes `input_ids`,
+    `attention_mask`, `cache`, `use_cache`, `logits_to_keep` and returns `.logits` and `.cache`.
+    """
+    _check_inputs(input_ids, labels, attention_mask, chunk_size, num_items_in_batch)
+    if getattr(model, "is_activation_checkpointing", False) and model.training:
+        raise ValueError(
+            "`chunked_backward` recomputes each chunk itself, and activation checkpointing drops the cache that "
+            "carries the state between chunks: call `model.activation_checkpointing_disable()` first."
+        )
+    # Targets shifted once for the whole sequence (as transformers' loss does: -100 after the last token), so that
+    # the first token of each chunk is the target of the last position of the chunk before.
+    targets = F.pad((labels if labels is not None else input_ids)[:, 1:], (0, 1), value=IGNORE_INDEX)
+    num_items = int((targets != IGNORE_INDEX).sum())
+    divisor = num_items_in_batch if num_items_in_batch is not None else num_items
+    if num_items_in_batch is None and num_items == 0:
+        raise ValueError("Every target in `labels` is -100: the mean loss over no tokens is undefined.")
+    starts = range(0, input_ids.shape[1], chunk_size)
+
+    def run(start, cache, **kwargs):
+        chunk = slice(start, start + chunk_size)
+        mask = None if attention_mask is None else attention_mask[:, chunk]
+        return model(input_ids=input_ids[:, chunk], attention_mask=mask, cache=cache, use_cache=True, **kwargs)
+
+    # Forward without a graph: keep the state entering each chunk (and the random state it started from).
+    device, record_rng = input_ids.device, model.training
+    entering, rng_states, cache = [None], [], None
+    with torch.no_grad():
+        for start in starts:
+            rng_states.append(_rng_state(device) if record_rng else None)
+            cache = run(start, cache, logits_to_keep=1).cache
+            if cache is None:
+                raise ValueError("The model returned no cache with `use_cache=True`; its state cannot be carried.")
+            entering.append(_snapshot(cache))
+    num_layers = len(entering.pop())  # the state after the last chunk feeds nothing
+    del cache
+
+    # Backward, last chunk first: recompute with a graph, backprop the chunk's loss and the gradient arriving at its
+    # final state, and hand the gradient at its entering state on to the chunk before.
+    loss_sum, state_grads = torch.zeros((), device=device), None
+    on_cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if on_cuda else [], enabled=record_rng,
+                               device_type="cuda" if on_cuda else None), torch.enable_grad():
+        for index in reversed(range(len(starts))):
+            if record_rng:
+                _set_rng_state(rng_states[index], device)
+            state = entering[index]
+            if state is None:
+                layers = [_GraphStateLayer() for _ in range(num_layers)]
+            else:
+                state = [(h.requires_grad_(), None if conv is None else conv.requires_grad_()) for h, conv in state]
+                layers = [_GraphStateLayer(h, conv) for h, conv in state]
+            chunk_cache = Cache(layers=layers)
+            start = starts[index]
+            logits = run(start, chunk_cache).logits
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), targets[:, start : start + chunk_size].flatten(),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            ) / divisor
+            tensors, grads = [loss], [None]
+            for layer, (grad_h, grad_conv) in zip(layers, state_grads or []):
+                for out, grad in ((layer.recurrent_states[0], grad_h), (layer.conv_states[0], grad_conv)):
+                    if grad is not None and out.requires_grad:
+                        tensors.append(out)
+                        grads.append(grad)
+            torch.autograd.backward(tensors, grads)
+            loss_sum += loss.detach()
+            if state is not None:
+                state_grads = [(h.grad, None if conv is None else conv.grad) for h, conv in state]
+            entering[index] = None  # free the boundary state once its gradient has moved on
+    return ChunkedBackwardOutput(loss=loss_sum, num_items=num_items)
