@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ] + ([PAPER_TEST_LOSS.get(run["name"], "-")] if char_shakespeare else []) for run in results]
     table = markdown_table(
         ["budget", "model", "matched by", "params", "lr", "steps", "train tokens", "epochs", f"train time ({time_unit})",
-         "tokens/s", "val loss", "test loss"] + (["paper test loss (6x384, 5000 steps)"] if char_shakespeare else []),
+         f"tokens/{time_unit}", "val loss", "test loss"] + (["paper test loss (6x384, 5000 steps)"] if char_shakespeare else []),
         rows,
     )
     if grid:
