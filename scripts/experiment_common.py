@@ -103,7 +103,8 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(histories: dict[str, list[dict]], y_key: str, y_label: str, title: str, path: Path) -> None:
+def plot_curves(histories: dict[str, list[dict]], y_key: str, y_label: str, title: str, path: Path,
+                time_label: str = "training wall-clock (s)") -> None:
     """Two panels, `y_key` against `step` and against `train_time_s`, one line per model in `histories`."""
     import matplotlib
 
@@ -115,7 +116,7 @@ def plot_curves(histories: dict[str, list[dict]], y_key: str, y_label: str, titl
         points = [point for point in history if point.get(y_key) is not None]
         for axis, x_key in zip(axes, ("step", "train_time_s")):
             axis.plot([p[x_key] for p in points], [p[y_key] for p in points], marker=".", label=name)
-    for axis, x_label in zip(axes, ("training step", "training wall-clock (s)")):
+    for axis, x_label in zip(axes, ("training step", time_label)):
         axis.set_xlabel(x_label)
         axis.set_ylabel(y_label)
         axis.grid(alpha=0.3)

@@ -1,31 +1,46 @@
-"""Character-level Shakespeare: minGRU and minLSTM against a GPT-2 Transformer (and Mamba), side by side.
+"""Language-model quality: minGRU and minLSTM against Transformers (Llama, GPT-2), the community minGRU and Mamba.
 
-    python scripts/shakespeare_compare.py --config configs/experiments/shakespeare_cpu.yaml
+    python scripts/shakespeare_compare.py --config configs/experiments/shakespeare_cpu.yaml       # char level
+    python scripts/shakespeare_compare.py --config configs/experiments/shakespeare_cpu_long.yaml  # 10 min/model
+    python scripts/shakespeare_compare.py --config configs/experiments/embedded_bpe_cpu.yaml      # subword
     python scripts/shakespeare_compare.py --config configs/experiments/shakespeare_nanogpt.yaml   # GPU
-    python scripts/shakespeare_compare.py --config ... --data path/to/tinyshakespeare.txt --models mingru,gpt2
+    python scripts/shakespeare_compare.py --config ... --data path/to/tinyshakespeare.txt --models mingru,llama
 
-The data and split are nanoGPT's `shakespeare_char`: every distinct character is a token, the first 90% of the
-characters train and the last 10% test. All models see the same batches in the same order (random windows of
-`context` characters, drawn from one seed) under the same schedule (AdamW, linear warmup, cosine decay from `lr`
-to `min_lr`).
+Corpora: a text file at character level (default: nanoGPT's `shakespeare_char` data, tinyshakespeare.txt), or
+`--data embedded` (Python's documentation topics, `pydoc_data.topics`) with `--tokenizer bpe`, a byte-level BPE
+trained on the training split. The last 10% of the text is the test split (nanoGPT's); the last `val_fraction` of
+the rest is the validation split that picks learning rates. All models see the same batches in the same order
+(random windows of `context` tokens, drawn from one seed) under the same schedule shape (AdamW, linear warmup,
+cosine decay from the learning rate to `min_lr`).
 
-Baselines come from transformers: `GPT2LMHeadModel` (sdpa attention) at `hidden_size` x `num_hidden_layers`, and
-`MambaForCausalLM` with as many layers as match its parameters. The minRNNs use the paper's language-model
-block (norm -> causal conv -> minRNN -> residual; norm -> MLP -> residual); unless `intermediate_size` is given,
-their MLP width is solved so that each has the Transformer's parameter count.
+Models, all at the parameter count of the GPT-2 model of `hidden_size` x `num_hidden_layers` (MLP widths, or
+Mamba's depth, solved to match): `llama` (transformers' `LlamaForCausalLM`: RoPE, RMSNorm, SwiGLU, no biases),
+`gpt2` (`GPT2LMHeadModel`, learned positions), `mingru`/`minlstm` (this package, the paper's LM block: norm ->
+causal conv -> minRNN -> residual; norm -> MLP -> residual), `community-mingru` (the `minLM` of the
+`minGRU-pytorch` package, `pip install minrnn[compare]`; skipped with a message when absent) and `mamba`.
 
-Two budgets, one after the other in the same run:
+Budgets, one after the other in the same run:
+- `grid`: every model at every learning rate of `lr_grid` for `grid_time_s` seconds of training; each model's
+  best rate (lowest validation loss) is the rate of its later budgets. Its best runs are the short
+  equal-time result. Without it every model trains at `lr`.
 - `steps`: every model trains `max_steps` steps (the paper's comparison);
-- `time`: every model trains for the same wall-clock, `time_budget_s` (default: what the Transformer took for
+- `time`: every model trains for the same time, `time_budget_s` (default: what the Transformer took for
   `max_steps` in the steps budget); the schedule runs over that time instead of over steps.
+Time on CPU is the training process's CPU time (`time.process_time`, one torch thread per run with
+`num_threads: 1`), so runs sharing a machine, or running `jobs` at a time, get the same compute; on GPU it is
+wall-clock. Evaluations are not counted.
 
-Reported per model: test loss on the whole test split (non-overlapping `context`-character windows), parameters,
-training tokens, training wall-clock and tokens/s. Writes `results.md`, `history.json`, `curves_steps.png` and
-`curves_time.png` to `output_dir`.
+Reported per run: validation and test loss on the whole split (non-overlapping `context`-token windows, nats per
+token), parameters, training tokens, training time and tokens/s. Each finished run is written at once to
+`output_dir/runs/` and reused by a rerun with the same settings, so an interrupted run resumes; then
+`results.md`, `history.json` and `curves_<budget>.png`.
 """
 
+import json
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 from experiment_common import (
@@ -40,20 +55,26 @@ from experiment_common import (
 from pretrain import lr_at
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-MODEL_KINDS = ("mingru", "minlstm", "gpt2", "mamba")
-BUDGETS = ("steps", "time")
+MODEL_KINDS = ("mingru", "minlstm", "llama", "gpt2", "community-mingru", "mamba")
+BUDGETS = ("grid", "steps", "time")
+TOKENIZERS = ("char", "bpe")
 # Test loss reported in the paper (Shakespeare, character level); the paper gives minLSTM and the Transformer
 # only as "about 1.55" in its figure.
-PAPER_TEST_LOSS = {"mingru": "1.548", "minlstm": "~1.55", "gpt2": "~1.55", "mamba": "1.575"}
+PAPER_TEST_LOSS = {"mingru": "1.548", "minlstm": "~1.55", "gpt2": "~1.55", "llama": "~1.55", "mamba": "1.575"}
+MISSING_COMMUNITY = ("community-mingru: skipped, the minGRU-pytorch package is not installed "
+                     "(pip install 'minrnn[compare]', or pip install minGRU-pytorch).")
 
 
 @dataclass
 class Settings:
     """Every setting of the comparison; YAML (`--config`) and `--key value` options override these."""
 
-    data: str | None = None  # None: ../shared/data/tinyshakespeare.txt beside the repository
-    models: list[str] = field(default_factory=lambda: ["mingru", "minlstm", "gpt2"])
-    budgets: list[str] = field(default_factory=lambda: list(BUDGETS))
+    data: str | None = None  # None: ../shared/data/tinyshakespeare.txt beside the repository; "embedded": pydoc
+    tokenizer: str = "char"  # char: one token per character; bpe: byte-level BPE trained on the training split
+    bpe_vocab_size: int = 1024
+    val_fraction: float = 0.1  # of the text before the test split (the last 10%)
+    models: list[str] = field(default_factory=lambda: ["mingru", "minlstm", "llama", "gpt2"])
+    budgets: list[str] = field(default_factory=lambda: ["steps", "time"])
     # Shared shape (nanoGPT shakespeare_char).
     hidden_size: int = 384
     num_hidden_layers: int = 6
@@ -71,29 +92,36 @@ class Settings:
     max_steps: int = 5000
     warmup_steps: int = 100
     lr: float = 1e-3
+    lr_grid: list[float] = field(default_factory=list)  # the `grid` budget's learning rates
+    grid_time_s: float = 60.0
     min_lr: float = 1e-4
     weight_decay: float = 0.1
     beta2: float = 0.99
     grad_clip: float = 1.0
     seed: int = 1337
-    time_budget_s: float | None = None  # None: the Transformer's wall-clock for max_steps (steps budget)
-    # Evaluation: a fixed sample of test windows during training; the whole test split at the end.
+    time_budget_s: float | None = None  # None: the Transformer's time for max_steps (steps budget)
+    # Evaluation: a fixed sample of validation windows during training; the whole splits at the end.
     eval_every: int = 250
     eval_batches: int = 20
     # Machine and output.
     device: str = "auto"
     num_threads: int = 0  # 0 = torch's default
+    jobs: int = 1  # runs trained at the same time, each in its own process (use with num_threads: 1)
     output_dir: str = "results/shakespeare"
 
     def validate(self):
         for name in ("hidden_size", "num_hidden_layers", "context", "batch_size", "max_steps", "eval_every",
-                     "eval_batches", "num_heads"):
+                     "eval_batches", "num_heads", "jobs", "bpe_vocab_size"):
             if getattr(self, name) <= 0:
                 raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(self, name)}.")
         for name, values, valid in (("models", self.models, MODEL_KINDS), ("budgets", self.budgets, BUDGETS)):
             bad = [v for v in values if v not in valid]
             if bad or not values:
                 raise SystemExit(f"--{name} {','.join(values)}: each must be one of {', '.join(valid)}.")
+        if self.tokenizer not in TOKENIZERS:
+            raise SystemExit(f"--tokenizer {self.tokenizer}: must be one of {', '.join(TOKENIZERS)}.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise SystemExit(f"--val-fraction {self.val_fraction} must be strictly between 0 and 1.")
         if self.hidden_size % self.num_heads:
             raise SystemExit(f"--hidden-size {self.hidden_size} must be divisible by --num-heads {self.num_heads}.")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -102,31 +130,78 @@ class Settings:
             raise SystemExit(f"--time-budget-s must be > 0 seconds (or none); got {self.time_budget_s}.")
         if "time" in self.budgets and self.time_budget_s is None and "steps" not in self.budgets:
             raise SystemExit("--budgets time alone needs --time-budget-s (the default is measured by the steps run).")
+        if ("grid" in self.budgets) != bool(self.lr_grid):
+            raise SystemExit(f"--budgets grid and --lr-grid go together; got budgets {','.join(self.budgets)} and "
+                             f"lr_grid {self.lr_grid or 'empty'}: give both (e.g. --lr-grid 1e-3,2e-3,4e-3) or neither.")
+        if "grid" in self.budgets and (self.grid_time_s <= 0 or min(self.lr_grid) <= 0):
+            raise SystemExit(f"--grid-time-s {self.grid_time_s} and every --lr-grid value {self.lr_grid} must be > 0.")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
 
 
 @dataclass
-class CharData:
-    """nanoGPT's character-level split: `train` and `test` are int64 token tensors, `chars` the vocabulary."""
+class TokenData:
+    """The corpus as int64 token tensors: `train`, `validation` (picks learning rates) and `test` (reported)."""
 
     train: "torch.Tensor"  # noqa: F821
+    validation: "torch.Tensor"  # noqa: F821
     test: "torch.Tensor"  # noqa: F821
-    chars: list[str]
+    vocab_size: int
+    description: str
 
 
-def load_chars(path: Path) -> CharData:
+def load_chars(path: Path, val_fraction: float = 0.1) -> TokenData:
+    """nanoGPT's character-level data: every distinct character a token; the last 10% test, then validation."""
     import torch
 
     if not path.is_file():
-        raise SystemExit(f"--data {path}: no such file (tinyshakespeare.txt, 1,115,394 characters).")
+        raise SystemExit(f"--data {path}: no such file (tinyshakespeare.txt, 1,115,394 characters: "
+                         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt).")
     text = path.read_text(encoding="utf-8")
     chars = sorted(set(text))
     index = {ch: i for i, ch in enumerate(chars)}
     tokens = torch.tensor([index[ch] for ch in text], dtype=torch.long)
-    cut = int(0.9 * len(tokens))
-    return CharData(train=tokens[:cut], test=tokens[cut:], chars=chars)
+    test_cut = int(0.9 * len(tokens))
+    val_cut = int((1.0 - val_fraction) * test_cut)
+    return TokenData(train=tokens[:val_cut], validation=tokens[val_cut:test_cut], test=tokens[test_cut:],
+                     vocab_size=len(chars), description=f"{path.name}, {len(chars)} characters (char level)")
+
+
+def load_bpe(documents: list[str], name: str, vocab_size: int, val_fraction: float) -> TokenData:
+    """Byte-level BPE data: the tokenizer is trained on the training split only; EOS after every document."""
+    import torch
+
+    from text_data import split_by_characters, tokenize_documents
+    from train_tokenizer import train_bpe_tokenizer
+
+    rest, test = split_by_characters(documents, 0.1)
+    train, validation = split_by_characters(rest, val_fraction)
+    tokenizer = train_bpe_tokenizer(train, vocab_size)
+    splits = [torch.from_numpy(tokenize_documents(part, tokenizer, tokenizer.eos_token_id))
+              for part in (train, validation, test)]
+    chars = sum(len(doc) for doc in documents)
+    tokens = sum(len(part) for part in splits)
+    return TokenData(*splits, vocab_size=len(tokenizer),
+                     description=f"{name}, byte-level BPE of {len(tokenizer)} tokens "
+                                 f"({chars / tokens:.2f} characters per token)")
+
+
+def load_data(settings: Settings) -> TokenData:
+    if settings.data == "embedded":
+        from text_data import DEFAULT_CORPUS, default_corpus
+
+        documents, name = default_corpus(), DEFAULT_CORPUS
+    else:
+        path = Path(settings.data) if settings.data else DEFAULT_DATA
+        if settings.tokenizer == "char":
+            return load_chars(path, settings.val_fraction)
+        if not path.is_file():
+            raise SystemExit(f"--data {path}: no such file.")
+        documents, name = [path.read_text(encoding="utf-8")], path.name
+    if settings.tokenizer == "char":
+        raise SystemExit("--data embedded needs --tokenizer bpe (the character level is for text files).")
+    return load_bpe(documents, name, settings.bpe_vocab_size, settings.val_fraction)
 
 
 def random_windows(tokens, batch_size: int, context: int, generator):
@@ -150,9 +225,43 @@ def test_windows(tokens, context: int):
 # -------------------------------------------------------------------------------------------------------- models
 
 
+def community_available() -> bool:
+    try:
+        import minGRU_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_community_mingru(settings: Settings, vocab_size: int, ff_width: int):
+    """The `minGRU-pytorch` package's `minLM` (conv on, as the paper's block) with this comparison's interface:
+    `model(input_ids=...)` returns an output with `.logits` `(batch, seq, vocab)`, and `num_parameters()`."""
+    import torch
+    from minGRU_pytorch.minLM import minLM
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class CommunityMinGRU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = minLM(
+                num_tokens=vocab_size, dim=settings.hidden_size, depth=settings.num_hidden_layers,
+                # minLM sizes its MLP as int(dim * ff_mult); the half keeps the rounding off `ff_width`.
+                ff_mult=(ff_width + 0.5) / settings.hidden_size, expansion=settings.expansion_factor,
+                conv_kernel_size=settings.conv_kernel, enable_conv=True, dropout=settings.dropout,
+            )
+
+        def forward(self, input_ids):
+            return CausalLMOutput(logits=self.lm(input_ids))
+
+        def num_parameters(self) -> int:
+            return sum(p.numel() for p in self.parameters())
+
+    return CommunityMinGRU()
+
+
 def build_model(kind: str, settings: Settings, vocab_size: int, intermediate_size: int | None = None,
                 mamba_layers: int | None = None):
-    """One of `MODEL_KINDS` at the settings' shape; all tie the input embedding and the output head."""
+    """One of `MODEL_KINDS` at the settings' shape; all but `community-mingru` tie the embedding and the head."""
     if kind in ("mingru", "minlstm"):
         from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 
@@ -171,6 +280,19 @@ def build_model(kind: str, settings: Settings, vocab_size: int, intermediate_siz
             embd_pdrop=settings.dropout, attn_pdrop=settings.dropout, tie_word_embeddings=True, use_cache=False,
             bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
         ))
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        # Llama has dropout only on the attention weights.
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=settings.hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=settings.num_hidden_layers, num_attention_heads=settings.num_heads,
+            num_key_value_heads=settings.num_heads, max_position_embeddings=settings.context,
+            attention_dropout=settings.dropout, attention_bias=False, mlp_bias=False, tie_word_embeddings=True,
+            use_cache=False, bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="sdpa",
+        ))
+    if kind == "community-mingru":
+        return build_community_mingru(settings, vocab_size, intermediate_size)
     from transformers import MambaConfig, MambaForCausalLM
 
     # transformers' Mamba has no dropout.
@@ -181,23 +303,23 @@ def build_model(kind: str, settings: Settings, vocab_size: int, intermediate_siz
 
 
 def matched_shapes(settings: Settings, vocab_size: int) -> dict:
-    """Per model kind, the keyword arguments of `build_model` that give the Transformer's parameter count.
+    """Per model kind, the keyword arguments of `build_model` that give the GPT-2 model's parameter count.
 
-    Parameters are linear in the minRNN's MLP width and in Mamba's depth, so two probes give the exact solution.
+    Parameters are linear in the MLP width and in Mamba's depth, so two probes give the exact solution.
     """
     target = build_model("gpt2", settings, vocab_size).num_parameters()
     shapes = {"gpt2": {}}
     for kind in settings.models:
-        if kind in ("mingru", "minlstm"):
-            if settings.intermediate_size is not None:
+        if kind in ("mingru", "minlstm", "llama", "community-mingru"):
+            if settings.intermediate_size is not None and kind in ("mingru", "minlstm"):
                 shapes[kind] = {"intermediate_size": settings.intermediate_size}
                 continue
             p0, p1 = (build_model(kind, settings, vocab_size, intermediate_size=w).num_parameters() for w in (0, 64))
             # A multiple of 32 keeps the matrices friendly to fast kernels; the count stays within about 1%.
             width = 32 * round((target - p0) / ((p1 - p0) / 64) / 32)
-            if width < 0:
+            if width <= 0:
                 raise SystemExit(
-                    f"{kind}: without an MLP it already has {p0:,} parameters, more than the Transformer's {target:,};"
+                    f"{kind}: without an MLP it already has {p0:,} parameters, about the Transformer's {target:,};"
                     f" lower --expansion-factor or give --intermediate-size."
                 )
             shapes[kind] = {"intermediate_size": width}
@@ -207,7 +329,7 @@ def matched_shapes(settings: Settings, vocab_size: int) -> dict:
     return shapes
 
 
-def make_optimizer(model, settings: Settings):
+def make_optimizer(model, settings: Settings, lr: float):
     """AdamW as nanoGPT: weight decay on matrices and embeddings, none on biases and norms."""
     import torch
 
@@ -216,14 +338,28 @@ def make_optimizer(model, settings: Settings):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, settings.beta2))
 
 
 # ------------------------------------------------------------------------------------------------------ training
 
 
+@dataclass(frozen=True)
+class Run:
+    """One training: a model kind under one budget (`steps`, or seconds of training time) at one learning rate."""
+
+    kind: str
+    budget: str
+    lr: float
+    time_budget_s: float | None = None  # None: `max_steps` steps
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.budget}-{self.kind}-lr{self.lr:g}.json"
+
+
 def mean_loss(model, inputs, targets, batch_size: int, device) -> float:
-    """Mean next-character cross-entropy over all positions of `inputs`/`targets` `(n, context)`."""
+    """Mean next-token cross-entropy over all positions of `inputs`/`targets` `(n, context)`."""
     import torch
     import torch.nn.functional as F
 
@@ -238,34 +374,38 @@ def mean_loss(model, inputs, targets, batch_size: int, device) -> float:
     return total / targets.numel()
 
 
-def train_one(kind: str, shape: dict, settings: Settings, data: CharData, device, budget: str,
-              time_budget_s: float | None) -> dict:
+def train_one(run: Run, shape: dict, settings: Settings, data: TokenData) -> dict:
     """Train one model under one budget; returns its summary and its curve (one point per evaluation)."""
     import torch
     import torch.nn.functional as F
 
+    device = setup_torch(settings.num_threads, settings.device)
+    # CPU time of this process: runs sharing the machine get the same compute however busy it is.
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     torch.manual_seed(settings.seed)
-    model = build_model(kind, settings, len(data.chars), **shape).to(device).train()
-    optimizer = make_optimizer(model, settings)
+    model = build_model(run.kind, settings, data.vocab_size, **shape).to(device).train()
+    optimizer = make_optimizer(model, settings, run.lr)
+    # The same schedule shape at every rate: warmup to `run.lr`, cosine to `min_lr` scaled as `run.lr / lr`.
+    schedule = replace(settings, lr=run.lr, min_lr=settings.min_lr * run.lr / settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
     eval_generator = torch.Generator().manual_seed(settings.seed + 1)
-    eval_set = [random_windows(data.test, settings.batch_size, settings.context, eval_generator)
+    eval_set = [random_windows(data.validation, settings.batch_size, settings.context, eval_generator)
                 for _ in range(settings.eval_batches)]
     eval_inputs, eval_targets = (torch.cat(parts) for parts in zip(*eval_set))
 
     def progress(step: int, elapsed: float) -> float:
-        return step / settings.max_steps if budget == "steps" else elapsed / time_budget_s
+        return step / settings.max_steps if run.time_budget_s is None else elapsed / run.time_budget_s
 
     history, step, train_time, loss_sum = [], 0, 0.0, 0.0
     while progress(step, train_time) < 1.0:
         # The schedule is a function of the budget's progress: steps, or seconds of training.
-        lr = lr_at(progress(step, train_time) * settings.max_steps, settings)
+        lr = lr_at(progress(step, train_time) * settings.max_steps, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = random_windows(data.train, settings.batch_size, settings.context, generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        started = time.perf_counter()
+        started = clock()
         logits = model(input_ids=inputs.to(device)).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -273,70 +413,135 @@ def train_one(kind: str, shape: dict, settings: Settings, data: CharData, device
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         loss_sum += loss.item()  # .item() also waits for the GPU
-        train_time += time.perf_counter() - started
+        train_time += clock() - started
         step += 1
 
         if step % settings.eval_every == 0 or progress(step, train_time) >= 1.0:
             point = {
                 "step": step, "train_time_s": round(train_time, 2),
                 "train_loss": loss_sum / (step - (history[-1]["step"] if history else 0)),
-                "test_loss": mean_loss(model, eval_inputs, eval_targets, settings.batch_size, device),
+                "val_loss": mean_loss(model, eval_inputs, eval_targets, settings.batch_size, device),
             }
             history.append(point)
             loss_sum = 0.0
-            print(f"[{budget}] {kind:>8} step {step:>6}  {train_time:8.1f}s  lr {lr:.2e}  "
-                  f"train {point['train_loss']:.4f}  test (sample) {point['test_loss']:.4f}", flush=True)
+            print(f"[{run.budget}] {run.kind:>16} lr {run.lr:g} step {step:>6}  {train_time:8.1f}s  lr {lr:.2e}  "
+                  f"train {point['train_loss']:.4f}  val (sample) {point['val_loss']:.4f}", flush=True)
 
     tokens = step * settings.batch_size * settings.context
     return {
-        "name": kind, "budget": budget, "params": model.num_parameters(), "steps": step, "tokens": tokens,
-        "train_time_s": train_time, "tokens_per_s": tokens / train_time,
+        "name": run.kind, "budget": run.budget, "lr": run.lr, "params": model.num_parameters(), "steps": step,
+        "tokens": tokens, "train_time_s": train_time, "tokens_per_s": tokens / train_time,
+        "val_loss": mean_loss(model, *test_windows(data.validation, settings.context), settings.batch_size, device),
         "test_loss": mean_loss(model, *test_windows(data.test, settings.context), settings.batch_size, device),
         "history": history, "shape": shape,
     }
 
 
+def training_settings(settings: Settings) -> dict:
+    """The settings a finished run depends on: a saved run is reused only when these are unchanged."""
+    ignored = ("models", "budgets", "lr", "lr_grid", "grid_time_s", "time_budget_s", "eval_every", "device",
+               "num_threads", "jobs", "output_dir")
+    return {k: v for k, v in asdict(settings).items() if k not in ignored}
+
+
+def train_all(runs: list[Run], shapes: dict, settings: Settings, data: TokenData, runs_dir: Path) -> list[dict]:
+    """Train `runs` (`jobs` at a time), each result saved to `runs_dir` as it finishes; saved ones are reused."""
+    results, todo = {}, []
+    for run in runs:
+        path = runs_dir / run.file_name
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is not None and saved["settings"] == training_settings(settings) and \
+                saved["time_budget_s"] == run.time_budget_s and saved["steps_budget"] == settings.max_steps:
+            print(f"[{run.budget}] {run.kind} lr {run.lr:g}: reusing {path}", flush=True)
+            results[run] = saved
+        else:
+            todo.append(run)
+
+    def save(run: Run, result: dict) -> None:
+        result.update(settings=training_settings(settings), time_budget_s=run.time_budget_s,
+                      steps_budget=settings.max_steps)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        (runs_dir / run.file_name).write_text(json.dumps(result, indent=1) + "\n")
+        results[run] = result
+
+    if settings.jobs == 1 or len(todo) <= 1:
+        for run in todo:
+            save(run, train_one(run, shapes[run.kind], settings, data))
+    else:
+        # Separate processes, not threads: each run's CPU-time clock then counts only its own work.
+        with ProcessPoolExecutor(settings.jobs, mp_context=get_context("spawn")) as pool:
+            futures = {run: pool.submit(train_one, run, shapes[run.kind], settings, data) for run in todo}
+            for run, future in futures.items():
+                save(run, future.result())
+    return [results[run] for run in runs]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     settings = parse_settings(Settings, argv, __doc__)
+    if "community-mingru" in settings.models and not community_available():
+        print(MISSING_COMMUNITY, flush=True)
+        settings.models = [kind for kind in settings.models if kind != "community-mingru"]
     device = setup_torch(settings.num_threads, settings.device)
-    data = load_chars(Path(settings.data) if settings.data else DEFAULT_DATA)
-    shapes = matched_shapes(settings, len(data.chars))
-
-    runs, time_budget_s = [], settings.time_budget_s
-    for budget in settings.budgets:
-        if budget == "time" and time_budget_s is None:
-            reference = next((r for r in runs if r["name"] == "gpt2"), runs[0])
-            time_budget_s = reference["train_time_s"]
-        runs += [train_one(kind, shapes[kind], settings, data, device, budget, time_budget_s)
-                 for kind in settings.models]
-
-    describe = {"steps": f"{settings.max_steps} steps",
-                "time": f"{time_budget_s:.0f} s" if time_budget_s is not None else "-"}
-    rows = [[
-        f"{run['budget']} ({describe[run['budget']]})", run["name"],
-        ", ".join(f"{k}={v}" for k, v in run["shape"].items()) or "-", f"{run['params']:,}", run["steps"],
-        f"{run['tokens']:,}", f"{run['train_time_s']:.0f}", f"{run['tokens_per_s']:,.0f}", f"{run['test_loss']:.4f}",
-        PAPER_TEST_LOSS[run["name"]],
-    ] for run in runs]
-    table = markdown_table(
-        ["budget", "model", "matched by", "params", "steps", "train tokens", "train wall-clock (s)", "tokens/s",
-         "test loss", "paper test loss (6x384, 5000 steps)"], rows,
-    )
-    header = (
-        f"Shakespeare char-level: {settings.num_hidden_layers} layers x {settings.hidden_size}, context "
-        f"{settings.context}, batch {settings.batch_size}, dropout {settings.dropout}, lr {settings.lr:g} -> "
-        f"{settings.min_lr:g} cosine ({settings.warmup_steps} warmup steps); test loss = mean cross-entropy (nats "
-        f"per character) over the whole test split; {device_name(device)}."
-    )
+    data = load_data(settings)
+    shapes = matched_shapes(settings, data.vocab_size)
     output_dir = Path(settings.output_dir)
     output_dir = output_dir if output_dir.is_absolute() else REPO_ROOT / output_dir
-    histories = {f"{run['name']} ({run['budget']})": run["history"] for run in runs}
+    runs_dir = output_dir / "runs"
+    time_unit = "CPU s" if device.type == "cpu" else "s"
+
+    best_lr = {kind: settings.lr for kind in settings.models}
+    results, grid, time_budget_s = [], [], settings.time_budget_s
+    for budget in settings.budgets:
+        if budget == "grid":
+            grid = train_all([Run(kind, "grid", lr, settings.grid_time_s) for kind in settings.models
+                              for lr in settings.lr_grid], shapes, settings, data, runs_dir)
+            for kind in settings.models:
+                best = min((r for r in grid if r["name"] == kind), key=lambda r: r["val_loss"])
+                best_lr[kind] = best["lr"]
+                results.append(best)
+            continue
+        if budget == "time" and time_budget_s is None:
+            reference = next((r for r in results if r["name"] in ("llama", "gpt2")), results[0])
+            time_budget_s = reference["train_time_s"]
+        results += train_all([Run(kind, budget, best_lr[kind], time_budget_s if budget == "time" else None)
+                              for kind in settings.models], shapes, settings, data, runs_dir)
+
+    describe = {"grid": f"{settings.grid_time_s:g} {time_unit}, best lr", "steps": f"{settings.max_steps} steps",
+                "time": f"{time_budget_s:.0f} {time_unit}" if time_budget_s is not None else "-"}
+    char_shakespeare = settings.tokenizer == "char" and settings.data is None
+    rows = [[
+        describe[run["budget"]], run["name"], ", ".join(f"{k}={v}" for k, v in run["shape"].items()) or "-",
+        f"{run['params']:,}", f"{run['lr']:g}", run["steps"], f"{run['tokens']:,}",
+        f"{run['tokens'] / len(data.train):.1f}", f"{run['train_time_s']:.0f}",
+        f"{run['tokens_per_s']:,.0f}", f"{run['val_loss']:.4f}", f"{run['test_loss']:.4f}",
+    ] + ([PAPER_TEST_LOSS.get(run["name"], "-")] if char_shakespeare else []) for run in results]
+    table = markdown_table(
+        ["budget", "model", "matched by", "params", "lr", "steps", "train tokens", "epochs", f"train time ({time_unit})",
+         f"tokens/{time_unit}", "val loss", "test loss"] + (["paper test loss (6x384, 5000 steps)"] if char_shakespeare else []),
+        rows,
+    )
+    if grid:
+        lrs = settings.lr_grid
+        cells = {(r["name"], r["lr"]): r for r in grid}
+        grid_rows = [[kind] + [
+            (f"**{cells[kind, lr]['val_loss']:.4f}**" if lr == best_lr[kind] else f"{cells[kind, lr]['val_loss']:.4f}")
+            + f" ({cells[kind, lr]['steps']} steps)" for lr in lrs] for kind in settings.models]
+        grid_table = markdown_table(["model"] + [f"lr {lr:g}" for lr in lrs], grid_rows)
+        table = (f"Learning-rate grid: validation loss after {settings.grid_time_s:g} {time_unit} of training "
+                 f"(best in bold):\n\n{grid_table}\n\nResults (each model at its best learning rate):\n\n{table}")
+    header = (
+        f"{data.description}: {settings.num_hidden_layers} layers x {settings.hidden_size}, context "
+        f"{settings.context}, batch {settings.batch_size}, dropout {settings.dropout}, lr -> {settings.min_lr:g} "
+        f"cosine ({settings.warmup_steps / settings.max_steps:.0%} warmup); loss = mean cross-entropy (nats per token) "
+        f"over the whole split; {device_name(device)}."
+    )
+    histories = {f"{run['name']} ({run['budget']})": run["history"] for run in results}
     write_results(output_dir, table, header, histories, settings)
     for budget in settings.budgets:
-        plot_curves({run["name"]: run["history"] for run in runs if run["budget"] == budget}, "test_loss",
-                    "test loss (sampled windows)", f"{header}\nbudget: {describe[budget]}",
-                    output_dir / f"curves_{budget}.png")
-    return runs
+        plot_curves({run["name"]: run["history"] for run in results if run["budget"] == budget}, "val_loss",
+                    "validation loss (sampled windows)", f"{header}\nbudget: {describe[budget]}",
+                    output_dir / f"curves_{budget}.png", time_label=f"training time ({time_unit})")
+    return results
 
 
 if __name__ == "__main__":
