@@ -23,7 +23,7 @@ Corpora:
   tokens long, so the held-out topics are concatenated, EOS between them, into one stream: here "position in the
   document" is the position in that stream, and the carried model is trained without resets at EOS to match.
 
-    nice -n 5 python benchmarks/context_usage.py --corpus shakespeare --data ../shared/data/tinyshakespeare.txt
+    nice -n 5 python benchmarks/context_usage.py --corpus shakespeare --data data/tinyshakespeare.txt
     nice -n 5 python benchmarks/context_usage.py --corpus pydoc
     python benchmarks/context_usage.py --report      # tables and plot from the JSON only
 
