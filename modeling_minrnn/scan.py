@@ -142,10 +142,11 @@ def _chunked_forward(a, b, initial_state):
     b = b.view(batch, n_chunks, chunk, dim)
 
     decay = torch.cumprod(a, dim=2)  # a_s * ... * a_t within the chunk, from its start to t
-    local = torch.empty_like(b)
-    local[:, :, 0] = b[:, :, 0]
+    # Built as a list, not written in place through `out=`: torch.compile and torch.export need a functional graph.
+    steps = [b[:, :, 0]]
     for t in range(1, chunk):
-        torch.addcmul(b[:, :, t], a[:, :, t], local[:, :, t - 1], out=local[:, :, t])
+        steps.append(torch.addcmul(b[:, :, t], a[:, :, t], steps[-1]))
+    local = torch.stack(steps, dim=2)
 
     carry = a.new_zeros(batch, dim) if initial_state is None else initial_state
     carries = []  # state entering each chunk
@@ -190,7 +191,13 @@ def chunked_scan(log_a, log_b, initial_state=None, reset=None):
 
 
 def resolve_backend(backend, tensor):
-    """Return the concrete backend name that `linear_recurrence` would use for `tensor`."""
+    """Return the concrete backend name that `linear_recurrence` would use for `tensor`.
+
+    While torch.compile or torch.export traces, the native CPU kernel (an eager-mode fast path, JIT-built behind a
+    lock) is replaced by the chunked PyTorch scan, so the traced graph holds only standard ops."""
+    tracing = torch.compiler.is_compiling()
+    if tracing and backend in (None, "auto", "cpu") and tensor.device.type == "cpu":
+        return "chunked"
     if backend is None or backend == "auto":
         if tensor.is_cuda and triton_scan_available(tensor):
             return "triton"
