@@ -1,10 +1,11 @@
-"""The recurrent state as a transformers `Cache`: roll back (speculative decoding), fork, save and load.
+"""The recurrent state as a transformers `Cache`, plus what transformers' own cache lacks: fork, select, save, load.
 
-A minGRU/minLSTM block's whole past is its conv window (the last `conv_kernel` inputs) and its state `h`. The plain
-`DynamicCache(config=...)` holds them in `LinearAttentionLayer`s, which cannot be cropped once a recurrent state is
-in them. `MinRNNCache` holds them in `MinRNNCacheLayer`s, which, while transformers has switched on past recording
-(`activate_past_recording`, done by assisted decoding), also keep the states `h_t` after each token of the last
-forwards and the conv inputs, so `crop(-n)` restores the exact state of `n` tokens earlier without recomputing.
+A minGRU/minLSTM block's whole past is its conv window (the last `conv_kernel` inputs) and its state `h`. The config
+declares one `"linear_attention"` layer per block, so transformers' own `DynamicCache(config=...)` holds them in
+`LinearAttentionLayer`s, which also count the tokens consumed (`get_seq_length`) and, once past recording is on
+(`activate_past_recording`, switched on by assisted and prompt-lookup decoding), keep the states a `crop` rolls back
+to. `forward` and `generate()` use that plain cache. `MinRNNCache` is a `DynamicCache` whose layers add only the row
+operations (`batch_repeat_interleave`, `batch_select_indices`) and whose cache adds state files and concatenation.
 """
 
 import hashlib
@@ -12,7 +13,7 @@ import json
 import os
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, LinearAttentionLayer
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 
 
 STATE_FORMAT = "minrnn-state"
@@ -21,103 +22,27 @@ STATE_FORMAT_VERSION = "1"
 IDENTITY_FIELDS = ("cell_type", "num_hidden_layers", "hidden_size", "recurrent_size", "conv_kernel")
 
 
+def register_tokens(cache: Cache, layer_idx: int, inputs: torch.Tensor, conv_kernel: int) -> torch.Tensor:
+    """Hand one block's new inputs `(batch, hidden, seq)` to the cache's conv window; returns the cached window
+    followed by them. A block without a conv still passes a zero-channel window `(batch, 0, seq)`: transformers counts
+    a layer's tokens (`get_seq_length`) and marks it as holding a state only in `update_conv_state`."""
+    if conv_kernel == 0:
+        inputs = inputs[:, :0]
+    return cache.update_conv_state(inputs, layer_idx, conv_kernel_size=max(conv_kernel, 1))
+
+
+def forget_before(cache: Cache, layer_idx: int, newest: torch.Tensor) -> None:
+    """Keep only the `newest` `(batch, 1)` inputs of each row's cached conv window, the rest as the zeros a sequence
+    starts from: a packed sequence that started `newest` tokens ago continues in the next call, the ones before it
+    must not reach it."""
+    window = cache.layers[layer_idx].conv_states[0]
+    age = torch.arange(window.shape[-1] - 1, -1, -1, device=window.device)  # 0 = the newest input
+    window.masked_fill_((age >= newest).unsqueeze(1), 0.0)
+
+
 class MinRNNCacheLayer(LinearAttentionLayer):
-    """One block's conv window `(batch, hidden, conv_kernel)` and state `h` `(batch, recurrent)`, with a rollback
-    record while past recording is on: the states before and after each of the last `max_rollback` tokens
-    (`past_states`, `(batch, n + 1, recurrent)`) and the conv inputs of those tokens (kept in `conv_states`)."""
-
-    # It counts tokens in Python and grows its record by concatenation: a dynamic cache, not a static-address one.
-    is_compileable = False
-
-    def __init__(self, max_rollback: int, **kwargs):
-        super().__init__(**kwargs)
-        self.max_rollback = max_rollback
-        self.seen_tokens = 0
-        self.past_states = None
-
-    @classmethod
-    def holding(cls, h, conv, conv_kernel: int, seen_tokens: int, max_rollback: int) -> "MinRNNCacheLayer":
-        """A layer already holding state `h` `(batch, recurrent)` and conv window `conv` `(batch, hidden, kernel)`."""
-        layer = cls(max_rollback=max_rollback)
-        layer.lazy_initialization(conv_states=conv, recurrent_states=h, conv_kernel_size=conv_kernel or None)
-        if conv is not None:
-            layer.conv_states[0].copy_(conv)
-        layer.recurrent_states[0].copy_(h)
-        layer.has_previous_state[0] = True
-        layer.seen_tokens = seen_tokens
-        return layer
-
-    def reset(self) -> None:
-        super().reset()
-        self.seen_tokens = 0
-        self.past_states = None
-
-    @property
-    def is_croppable(self) -> bool:
-        return self.record_past
-
-    def get_seq_length(self) -> int:
-        """Tokens consumed so far (padding included, as for a KV cache)."""
-        return self.seen_tokens
-
-    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
-        full = super().update_conv_state(conv_states, state_idx, **kwargs)
-        if self.record_past:
-            # transformers keeps every recorded input; a rollback never needs more than `max_rollback` of them.
-            keep = self.conv_kernel_size[state_idx] + self.max_rollback
-            if self.conv_states[state_idx].shape[-1] > keep:
-                self.conv_states[state_idx] = self.conv_states[state_idx][..., -keep:].clone()
-        return full
-
-    def update_recurrent_state(
-        self, recurrent_states: torch.Tensor, state_idx: int = 0, all_states: torch.Tensor | None = None, **kwargs
-    ) -> torch.Tensor:
-        """`recurrent_states` `(batch, recurrent)`: the state after the new tokens; `all_states`
-        `(batch, seq, recurrent)`: the state after each of them (required: it also counts the tokens)."""
-        if all_states is None:
-            raise ValueError("`MinRNNCacheLayer.update_recurrent_state` needs `all_states` (batch, seq, recurrent).")
-        if self.record_past:
-            if self.past_states is None:
-                before = (
-                    self.recurrent_states[state_idx]
-                    if self.is_recurrent_states_initialized[state_idx]
-                    else torch.zeros_like(recurrent_states)
-                )
-                self.past_states = before.unsqueeze(1)
-            past = torch.cat([self.past_states, all_states.to(self.past_states.dtype)], dim=1)
-            # A clone, so that a long prefill's full `(batch, seq, recurrent)` tensor is not kept alive by a view.
-            keep = self.max_rollback + 1
-            self.past_states = past[:, -keep:].clone() if past.shape[1] > keep else past
-        self.seen_tokens += all_states.shape[1]
-        return super().update_recurrent_state(recurrent_states, state_idx)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last `-tokens_to_remove` tokens (a negative int, as for transformers' dynamic layers) and drop
-        the rollback record; `crop(0)` only drops the record."""
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"`crop` takes a negative number of tokens to remove; got {tokens_to_remove}. "
-                f"Use `crop(-n)` to forget the last n tokens."
-            )
-        n = -tokens_to_remove
-        if n > 0:
-            recorded = 0 if self.past_states is None else self.past_states.shape[1] - 1
-            if not self.record_past or n > recorded:
-                raise ValueError(
-                    f"`crop({tokens_to_remove})` needs the state {n} tokens back, but this layer recorded only "
-                    f"the last {recorded} (record_past={self.record_past}, max_rollback={self.max_rollback}). Call "
-                    "`cache.activate_past_recording()` before the forward, or create `MinRNNCache(config, "
-                    "max_rollback=...)` with a larger window."
-                )
-            self.recurrent_states[0].copy_(self.past_states[:, -1 - n])
-            self.seen_tokens -= n
-        self.past_states = None
-        if self.is_conv_states_initialized[0]:
-            kernel = self.conv_kernel_size[0]
-            end = self.conv_states[0].shape[-1] - n
-            window = self.conv_states[0][..., max(end - kernel, 0) : end]
-            # A window shorter than the kernel (fewer tokens seen) is the sequence start: zeros, as the conv pads.
-            self.conv_states[0] = torch.nn.functional.pad(window, (kernel - window.shape[-1], 0)).contiguous()
+    """transformers' `LinearAttentionLayer` with the row operations it lacks (forking a prompt's state for several
+    continuations, selecting rows) and a `crop` that says what is missing instead of failing inside transformers."""
 
     def _map_rows(self, fn) -> None:
         for i in range(self.number_of_states):
@@ -125,11 +50,8 @@ class MinRNNCacheLayer(LinearAttentionLayer):
                 self.conv_states[i] = fn(self.conv_states[i])
             if self.is_recurrent_states_initialized[i]:
                 self.recurrent_states[i] = fn(self.recurrent_states[i])
-        if self.past_states is not None:
-            self.past_states = fn(self.past_states)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+            if self.record_past:
+                self.recurrent_states_history[i] = [fn(state) for state in self.recurrent_states_history[i]]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -137,79 +59,84 @@ class MinRNNCacheLayer(LinearAttentionLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes a negative number of tokens to remove; got {tokens_to_remove}. Use `crop(-n)` to forget "
+                "the last n tokens."
+            )
+        recorded = len(self.recurrent_states_history[0]) if self.record_past else 0
+        if -tokens_to_remove > recorded:
+            raise ValueError(
+                f"`crop({tokens_to_remove})` needs the state {-tokens_to_remove} tokens back, but this layer recorded "
+                f"only the last {recorded} (record_past={self.record_past}). Call `cache.activate_past_recording()` "
+                "before the forwards you may want to undo."
+            )
+        super().crop(tokens_to_remove)
+        kernel = self.conv_kernel_size[0]
+        if self.is_conv_states_initialized[0] and self.conv_states[0].shape[-1] < kernel:
+            # Fewer inputs than the kernel seen so far: the missing ones are the sequence start's zeros.
+            window = self.conv_states[0]
+            self.conv_states[0] = torch.nn.functional.pad(window, (kernel - window.shape[-1], 0))
+
 
 class MinRNNCache(DynamicCache):
-    """A `DynamicCache` of `MinRNNCacheLayer`s: accepted wherever `DynamicCache(config=model.config)` is, and in
-    addition it can be cropped after speculative decoding's verify forward, counts the tokens it has consumed
-    (`get_seq_length`, used by `generate(prefill_chunk_size=...)`), forks and selects rows, and saves to a file.
+    """A `DynamicCache` of `MinRNNCacheLayer`s: accepted wherever `DynamicCache(config=model.config)` is; in addition
+    it forks and selects rows, concatenates caches, and saves to / loads from a state file.
 
     Args:
         config: the model's `MinRNNConfig`.
-        max_rollback (`int`): how many tokens back `crop` can go while past recording is on; memory
-            `O(max_rollback x recurrent)` per layer and row, and only while recording.
         offloading (`bool`): as for `DynamicCache`.
     """
 
-    def __init__(self, config, max_rollback: int = 256, offloading: bool = False):
-        if max_rollback < 1:
-            raise ValueError(f"`max_rollback` must be >= 1; got {max_rollback}.")
-        self.max_rollback = max_rollback
-        layers = [MinRNNCacheLayer(max_rollback=max_rollback) for _ in range(config.num_hidden_layers)]
+    def __init__(self, config, offloading: bool = False):
+        layers = [MinRNNCacheLayer() for _ in range(config.num_hidden_layers)]
         Cache.__init__(self, layers=layers, offloading=offloading)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+    @classmethod
+    def from_states(
+        cls, states: list[torch.Tensor], conv_windows: list[torch.Tensor] | None = None, seen_tokens: int = 0
+    ) -> "MinRNNCache":
+        """A cache holding each block's state `h` `(batch, recurrent)` and, for a model with a conv, its window of the
+        last `conv_kernel` inputs `(batch, hidden, conv_kernel)` (None without a conv): the one snapshot type for
+        state files, carried-state training and chunked backward. `seen_tokens` is what `get_seq_length()` reports."""
+        if conv_windows is not None and len(conv_windows) != len(states):
+            raise ValueError(f"`from_states` got {len(states)} states but {len(conv_windows)} conv windows.")
+        cache = cls.__new__(cls)
+        Cache.__init__(cache, layers=[MinRNNCacheLayer() for _ in states])
+        for i, (layer, h) in enumerate(zip(cache.layers, states)):
+            window = conv_windows[i] if conv_windows is not None else h.new_zeros(h.shape[0], 0, 1)
+            register_tokens(cache, i, window, window.shape[-1] if conv_windows is not None else 0)
+            layer.update_recurrent_state(h)
+            layer.cumulative_length_linear.fill_(seen_tokens)
+        return cache
 
     @classmethod
-    def concatenate(cls, caches: list["MinRNNCache"]) -> "MinRNNCache":
+    def from_cache(cls, cache: Cache) -> "MinRNNCache":
+        """The state of any cache a model has run through (e.g. the plain `DynamicCache` `generate()` returns)."""
+        states, windows = cache_states(cache)
+        return cls.from_states(states, windows, int(cache.get_seq_length()))
+
+    @classmethod
+    def concatenate(cls, caches: list[Cache]) -> "MinRNNCache":
         """One batch from the rows of several caches of the same model, in order (e.g. prompts prefilled apart).
 
         The token count is the longest one's, as if the shorter prompts were left-padded."""
-        if not caches or any(not isinstance(c, MinRNNCache) for c in caches):
-            raise ValueError("`MinRNNCache.concatenate` takes a non-empty list of `MinRNNCache`s.")
-        first = caches[0]
-        if len({len(c.layers) for c in caches}) != 1:
-            raise ValueError(f"Caches have different numbers of layers: {[len(c.layers) for c in caches]}.")
-        out = cls.__new__(cls)
-        out.max_rollback = first.max_rollback
-        layers = []
-        for parts in zip(*(c.layers for c in caches)):
-            if any(p.past_states is not None for p in parts):
-                raise ValueError("Cannot concatenate caches in the middle of a rollback record: call `crop(0)` first.")
-            if not all(p.has_previous_state[0] for p in parts):
-                raise ValueError("Every cache must hold a state (run a forward through it) before concatenating.")
-            has_conv = parts[0].is_conv_states_initialized[0]
-            layers.append(
-                MinRNNCacheLayer.holding(
-                    h=torch.cat([p.recurrent_states[0] for p in parts]),
-                    conv=torch.cat([p.conv_states[0] for p in parts]) if has_conv else None,
-                    conv_kernel=parts[0].conv_kernel_size[0] if has_conv else 0,
-                    seen_tokens=max(p.seen_tokens for p in parts),
-                    max_rollback=first.max_rollback,
-                )
-            )
-        Cache.__init__(out, layers=layers, offloading=first.offloading)
-        return out
+        if not caches:
+            raise ValueError("`MinRNNCache.concatenate` takes a non-empty list of caches.")
+        parts = [cache_states(cache) for cache in caches]
+        if len({len(states) for states, _ in parts}) != 1 or len({windows is None for _, windows in parts}) != 1:
+            raise ValueError("`MinRNNCache.concatenate` takes caches of one model (same layers, same conv).")
+        states = [torch.cat(layer) for layer in zip(*(p[0] for p in parts))]
+        windows = None if parts[0][1] is None else [torch.cat(layer) for layer in zip(*(p[1] for p in parts))]
+        return cls.from_states(states, windows, max(int(c.get_seq_length()) for c in caches))
 
     def save(self, path: str | os.PathLike, model) -> None:
-        """Write every layer's state and conv window to a safetensors file, with what identifies `model`."""
-        from safetensors.torch import save_file
-
-        tensors = {}
-        for i, layer in enumerate(self.layers):
-            if not layer.has_previous_state[0]:
-                raise ValueError(f"Layer {i} holds no state yet: run the prompt through the cache before saving it.")
-            tensors[f"layers.{i}.h"] = layer.recurrent_states[0].contiguous()
-            if layer.is_conv_states_initialized[0]:
-                kernel = layer.conv_kernel_size[0]
-                window = layer.conv_states[0][..., -kernel:]  # while recording, the window has older inputs before it
-                tensors[f"layers.{i}.conv"] = torch.nn.functional.pad(window, (kernel - window.shape[-1], 0)).contiguous()
-        metadata = {"format": STATE_FORMAT, "version": STATE_FORMAT_VERSION, **model_identity(model)}
-        metadata["seen_tokens"] = f"{self.get_seq_length():020d}"  # fixed width: the file's size never varies
-        save_file(tensors, os.fspath(path), metadata=metadata)
+        """Write every block's state and conv window to a safetensors file, with what identifies `model`."""
+        save_state(self, path, model)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model, max_rollback: int = 256) -> "MinRNNCache":
+    def load(cls, path: str | os.PathLike, model) -> "MinRNNCache":
         """Read a state written by `save` for `model`; raises, naming the file or the mismatched field, if it is not
         a minrnn state file or was saved from a model with other settings or weights."""
         from safetensors import safe_open
@@ -230,20 +157,47 @@ class MinRNNCache(DynamicCache):
                     f"{path} holds a state of a model with {field}={metadata.get(field)}, but this model has "
                     f"{field}={expected[field]}: a state only fits the model that computed it."
                 )
-        cache = cls(model.config, max_rollback=max_rollback)
-        kernel = model.config.conv_kernel
-        for i in range(len(cache.layers)):
-            h, conv = tensors.get(f"layers.{i}.h"), tensors.get(f"layers.{i}.conv")
-            if h is None or (kernel > 0) != (conv is not None):
-                raise ValueError(f"{path} lacks the state of layer {i}: the file is incomplete.")
-            cache.layers[i] = MinRNNCacheLayer.holding(
-                h=h.to(model.device),
-                conv=conv.to(model.device) if conv is not None else None,
-                conv_kernel=kernel,
-                seen_tokens=int(metadata["seen_tokens"]),
-                max_rollback=max_rollback,
-            )
-        return cache
+        config = model.config
+        layers = range(config.num_hidden_layers)
+        if any(f"layers.{i}.h" not in tensors or (config.conv_kernel > 0) != (f"layers.{i}.conv" in tensors)
+               for i in layers):
+            raise ValueError(f"{path} lacks the state of a layer: the file is incomplete.")
+        states = [tensors[f"layers.{i}.h"].to(model.device) for i in layers]
+        windows = [tensors[f"layers.{i}.conv"].to(model.device) for i in layers] if config.conv_kernel else None
+        return cls.from_states(states, windows, int(metadata["seen_tokens"]))
+
+
+def cache_states(cache: Cache) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Each block's state `h` `(batch, recurrent)` and conv window `(batch, hidden, conv_kernel)` (None for a model
+    without a conv), from any cache a model has run through (a `DynamicCache(config=...)` or a `MinRNNCache`)."""
+    layers = getattr(cache, "layers", [])
+    if not layers or not all(
+        isinstance(layer, LinearAttentionCacheLayerMixin) and layer.has_previous_state[0] for layer in layers
+    ):
+        raise ValueError(
+            "The cache holds no state for some block: run the prompt through it first (`model(ids, cache=cache)`)."
+        )
+    states = [layer.recurrent_states[0] for layer in layers]
+    if layers[0].conv_states[0].shape[1] == 0:  # the zero-channel window of a model without a conv
+        return states, None
+    windows = []
+    for layer in layers:
+        kernel = layer.conv_kernel_size[0]
+        window = layer.conv_states[0][..., -kernel:]  # while past recording is on, older inputs come before it
+        windows.append(torch.nn.functional.pad(window, (kernel - window.shape[-1], 0)))
+    return states, windows
+
+
+def save_state(cache: Cache, path: str | os.PathLike, model) -> None:
+    """Write `cache`'s state (any cache of `model`) to a safetensors file, with what identifies `model`."""
+    from safetensors.torch import save_file
+
+    states, windows = cache_states(cache)
+    tensors = {f"layers.{i}.h": h.contiguous() for i, h in enumerate(states)}
+    tensors.update({f"layers.{i}.conv": w.contiguous() for i, w in enumerate(windows or [])})
+    metadata = {"format": STATE_FORMAT, "version": STATE_FORMAT_VERSION, **model_identity(model)}
+    metadata["seen_tokens"] = f"{int(cache.get_seq_length()):020d}"  # fixed width: the file's size never varies
+    save_file(tensors, os.fspath(path), metadata=metadata)
 
 
 def model_identity(model) -> dict[str, str]:
@@ -268,4 +222,4 @@ def weights_fingerprint(model, samples_per_tensor: int = 1024) -> str:
     return digest.hexdigest()[:32]
 
 
-__all__ = ["MinRNNCache", "MinRNNCacheLayer"]
+__all__ = ["MinRNNCache", "MinRNNCacheLayer", "cache_states", "save_state"]

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.utils import ModelOutput
 
+from .cache_minrnn import cache_states
+
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
 
@@ -72,14 +74,8 @@ class _GraphStateLayer(LinearAttentionLayer):
 
 def _snapshot(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Copies of every layer's `(h, conv window)`: the cache overwrites its tensors in place on the next chunk."""
-    return [
-        (
-            layer.recurrent_states[0].clone(),
-            layer.conv_states[0][..., -layer.conv_kernel_size[0] :].clone() if layer.is_conv_states_initialized[0]
-            else None,
-        )
-        for layer in cache.layers
-    ]
+    states, windows = cache_states(cache)
+    return [(h.clone(), None if windows is None else windows[i].clone()) for i, h in enumerate(states)]
 
 
 def _rng_state(device: torch.device):

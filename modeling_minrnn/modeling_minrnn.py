@@ -16,12 +16,12 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_minrnn import MinRNNCache
+from .cache_minrnn import forget_before, register_tokens
 from .configuration_minrnn import MinRNNConfig
 from .long_sequence import ChunkedBackwardOutput, chunked_backward
+from .packing import checks_values, padding_mask_from, sequence_starts
 from .scan import linear_recurrence, resolve_backend
 from .scan_cpu import cpu_cell_scan
 
@@ -60,9 +60,9 @@ _CELL_GATES = {"mingru": (2, mingru_log_gates), "minlstm": (3, minlstm_log_gates
 class MinRNNMixer(nn.Module):
     """Causal depthwise conv (optional) -> minGRU/minLSTM cell at `recurrent_size` width -> projection back (if any).
 
-    With a cache, the conv window and the recurrent state `h` live in the block's cache layer, so a forward over
-    new tokens continues exactly where the cached one stopped. The layer also receives the state after every token
-    (`all_states`): a `MinRNNCacheLayer` keeps them while recording, to roll back after speculative decoding.
+    With a cache, the conv window and the recurrent state `h` live in the block's cache layer (transformers'
+    `LinearAttentionLayer`), so a forward over new tokens continues exactly where the cached one stopped. While the
+    cache records the past (assisted decoding), it also receives the state after every token, to roll back to.
     """
 
     def __init__(self, config: MinRNNConfig, layer_idx: int):
@@ -101,8 +101,15 @@ class MinRNNMixer(nn.Module):
             time = torch.arange(seq_len, device=x.device)
             since_start = time - torch.where(reset, time, -self.conv_kernel).cummax(dim=1).values
         if cache is not None:
-            # Returns the cached window followed by `x` (or `x` alone on the first call) and keeps the newest inputs.
-            x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel)
+            # The cached window followed by the new inputs (or these alone on the first call).
+            window = register_tokens(cache, self.layer_idx, x, self.conv_kernel)
+            if reset is None:
+                x = window
+            else:
+                x = window.clone()  # while recording, the cache keeps this very tensor, edited next
+                # The kept window continues the row's last sequence: the inputs before its start stay out of it.
+                last_start = torch.where(reset, time, -1).amax(dim=1, keepdim=True)
+                forget_before(cache, self.layer_idx, torch.where(last_start >= 0, seq_len - last_start, x.shape[-1]))
         total = x.shape[-1]
         if reset is not None:
             # Tap by tap (conv_kernel is small), in the (batch, time, hidden) layout where each tap is contiguous:
@@ -116,13 +123,6 @@ class MinRNNMixer(nn.Module):
                 if lag > 0:
                     tap = tap.masked_fill((lag > since_start).unsqueeze(-1), 0.0)
                 out = torch.addcmul(out, tap, weight[self.conv_kernel - 1 - lag])
-            if cache is not None:
-                # The kept window continues the row's last sequence: inputs before its start (the previous
-                # sequences', and the older cached ones) must not reach the next call.
-                kept = cache.get_conv_state(self.layer_idx)[..., -self.conv_kernel :]
-                call_position = torch.arange(seq_len - self.conv_kernel, seq_len, device=x.device)
-                last_start = torch.where(reset, time, -1).amax(dim=1, keepdim=True)
-                kept.masked_fill_((call_position < last_start).unsqueeze(1), 0.0)
             return out
         if seq_len == 1 and total >= self.conv_kernel:
             # One decoding step is a dot product over the window; a conv1d call costs ~5x more at batch 1.
@@ -147,7 +147,12 @@ class MinRNNMixer(nn.Module):
         if padding_mask is not None:
             # Select, never multiply: NaN or inf at a padded position times 0 is NaN, and would reach the state.
             hidden_states = hidden_states.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
-        x = self.causal_conv(hidden_states, cache, reset) if self.conv_kernel > 0 else hidden_states
+        if self.conv_kernel > 0:
+            x = self.causal_conv(hidden_states, cache, reset)
+        else:
+            x = hidden_states
+            if cache is not None:
+                register_tokens(cache, self.layer_idx, hidden_states.transpose(1, 2), 0)
 
         projections = self.in_proj(x)
         if resolve_backend(self.scan_backend, projections) == "cpu":
@@ -164,10 +169,10 @@ class MinRNNMixer(nn.Module):
             states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend, reset=reset)
 
         if cache is not None:
-            cache.update_recurrent_state(states[:, -1], self.layer_idx, all_states=states)
-            # Without a conv, nothing else marks the layer as holding a state (transformers sets the flag only in
-            # `update_conv_state`), and the next call would start from zeros.
-            cache.layers[self.layer_idx].has_previous_state[0] = True
+            # While recording (assisted decoding), the state after every token, so `crop` can go back to any of them:
+            # the scan computed them all anyway. Otherwise only the last one.
+            recording = cache.is_recording_past(self.layer_idx) and states.shape[1] > 1
+            cache.update_recurrent_state(list(states.unbind(1)) if recording else states[:, -1], self.layer_idx)
         return self.out_proj(states.to(hidden_states.dtype))
 
 
@@ -235,135 +240,15 @@ class MinRNNPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
 
 
-def _padding_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, has_state: bool):
-    """Validate a `(batch, seq)` attention mask and return a bool mask for the current tokens, or None if all real.
-
-    During generation the mask covers the cached tokens too; only its last `seq_len` columns concern this call.
-    """
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len or (
-        attention_mask.shape[1] > seq_len and not has_state
-    ):
+def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
         raise ValueError(
-            f"`attention_mask` must have shape (batch, seq) = {(batch_size, seq_len)} (or cover the cached tokens "
-            f"too when a cache is passed); got {tuple(attention_mask.shape)}."
+            f"`input_ids` must be in [0, vocab_size={vocab_size}); got values in [{low}, {high}]. Check that the "
+            "tokenizer matches the model (or resize the embeddings)."
         )
-    mask = attention_mask[:, attention_mask.shape[1] - seq_len :]
-    if not is_torchdynamo_compiling() and mask.dtype != torch.bool:
-        bad = mask[(mask != 0) & (mask != 1)]
-        if bad.numel():
-            raise ValueError(
-                f"`attention_mask` must hold only 0 (padding) and 1 (real token), or be bool; got "
-                f"{sorted(set(bad.unique()[:5].tolist()))}. An additive mask (0 / -inf) is not accepted: pass the "
-                "tokenizer's 0/1 mask."
-            )
-    mask = mask.bool()
-    if not is_torchdynamo_compiling() and bool(mask.all()):
-        return None
-    return mask
-
-
-def _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device, check):
-    """Sequence starts `(batch, seq)` from cumulative lengths over the flattened `(batch * seq)` tokens."""
-    total = batch_size * seq_len
-    is_integer = isinstance(cu_seq_lens, torch.Tensor) and not cu_seq_lens.is_floating_point()
-    offsets = cu_seq_lens.to(device=device, dtype=torch.long) if is_integer else None
-    if check and (
-        offsets is None
-        or offsets.dim() != 1
-        or offsets.numel() < 2
-        or int(offsets[0]) != 0
-        or int(offsets[-1]) != total
-        or bool((offsets.diff() < 0).any())
-    ):
-        if isinstance(cu_seq_lens, torch.Tensor):
-            got = cu_seq_lens.tolist() if cu_seq_lens.numel() <= 8 else f"shape {tuple(cu_seq_lens.shape)}"
-        else:
-            got = type(cu_seq_lens).__name__
-        raise ValueError(
-            f"`{name}` must be a 1-D integer tensor of cumulative sequence lengths over the flattened batch: 0, then "
-            f"non-decreasing, ending at batch * seq = {total}; got {got}."
-        )
-    lengths = offsets.diff()
-    if check and max_length is not None and int(max_length) < int(lengths.max()):
-        raise ValueError(
-            f"`{name.replace('cu_seq_lens', 'max_length')}`={int(max_length)} is shorter than the longest sequence in "
-            f"`{name}` ({int(lengths.max())})."
-        )
-    if check and not bool(torch.isin(torch.arange(1, batch_size, device=device) * seq_len, offsets).all()):
-        raise ValueError(
-            f"`{name}` has a sequence that runs from one row into the next; with batch size {batch_size}, each row "
-            f"(of {seq_len} tokens) must start a sequence: include every multiple of {seq_len}."
-        )
-    # Counted, not assigned: an empty sequence repeats an offset, which then still starts the next one.
-    starts = torch.zeros(total + 1, dtype=torch.long, device=device).index_add_(0, offsets[:-1], (lengths > 0).long())
-    return (starts[:total] > 0).view(batch_size, seq_len)
-
-
-def _as_rows(name, tensor, batch_size, seq_len, broadcast):
-    """`tensor` `(batch, seq)`, `(seq,)` or, with `broadcast`, `(1, seq)`, as an integer `(batch, seq)` tensor."""
-    if tensor.dim() == 1:
-        tensor = tensor.unsqueeze(0)
-    rows = (1, batch_size) if broadcast else (batch_size,)
-    if tensor.dim() != 2 or tensor.shape[1] != seq_len or tensor.shape[0] not in rows or tensor.is_floating_point():
-        also = " (or (1, seq))" if broadcast else ""
-        raise ValueError(
-            f"`{name}` must be an integer tensor of shape (batch, seq) = {(batch_size, seq_len)}{also}; got "
-            f"{tensor.dtype} {tuple(tensor.shape)}."
-        )
-    return tensor.expand(batch_size, seq_len)
-
-
-def _sequence_starts(
-    batch_size: int,
-    seq_len: int,
-    padding_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    cu_seq_lens_q: torch.Tensor | None,
-    cu_seq_lens_k: torch.Tensor | None,
-    max_length_q: int | None,
-    max_length_k: int | None,
-    seq_idx: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """The `(batch, seq)` bool mask of packed-sequence starts (where the state and conv window restart), or None.
-
-    Packing collators (transformers' `DataCollatorWithFlattening`, TRL's padding-free packing) mark where each
-    sequence starts in any of three ways; every one given is read and they must agree: `position_ids` restart at 0;
-    `cu_seq_lens_q/k` hold the start offsets in the flattened `(batch * seq)` tokens, then the total; `seq_idx`
-    changes value. A row's first real token of the call is never a start: the state carried into the call (zeros,
-    or the cache's) continues there, because `generate` numbers a continuation's first token 0 too. Padding is never
-    a start (it leaves the state untouched).
-    """
-    check = not is_torchdynamo_compiling()
-    derived = {}
-    if position_ids is not None:
-        derived["position_ids"] = _as_rows("position_ids", position_ids, batch_size, seq_len, broadcast=True) == 0
-    for name, cu_seq_lens, max_length in (
-        ("cu_seq_lens_q", cu_seq_lens_q, max_length_q),
-        ("cu_seq_lens_k", cu_seq_lens_k, max_length_k),
-    ):
-        if cu_seq_lens is not None:
-            derived[name] = _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device, check)
-    if seq_idx is not None:
-        seq_idx = _as_rows("seq_idx", seq_idx, batch_size, seq_len, broadcast=False)
-        derived["seq_idx"] = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
-    if not derived or seq_len == 1:  # one token is its row's first: never a start (decoding steps pay nothing)
-        return None
-
-    real = padding_mask if padding_mask is not None else torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
-    eligible = real & (real.cumsum(dim=1) > 1)
-    (first_name, reset), *others = [(name, starts.to(device) & eligible) for name, starts in derived.items()]
-    for name, other in others:
-        if check and not torch.equal(other, reset):
-            raise ValueError(
-                f"`{first_name}` and `{name}` mark different sequence starts; pass consistent packing inputs (e.g. "
-                "all from one collator) or only one of them."
-            )
-    if check and not bool(reset.any()):
-        return None
-    return reset
 
 
 def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
@@ -382,6 +267,27 @@ def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
             f"run several rows from one state (e.g. `num_return_sequences`), fork it with "
             f"`cache.batch_repeat_interleave(n)` first."
         )
+
+
+def _continuation_mask(prompt: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None):
+    """The attention mask that makes `generate` read `prompt` by the rule in `MinRNNForCausalLM.generate`."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not getattr(layers[0], "has_previous_state", {0: False})[0]:
+        return attention_mask  # an empty cache: the prompt is the whole sequence
+    seen, length = int(cache.get_seq_length()), prompt.shape[1]
+    if attention_mask is not None and attention_mask.shape[1] != length:
+        if attention_mask.shape[1] != seen + length:
+            raise ValueError(
+                f"`attention_mask` has {attention_mask.shape[1]} columns, but the cache has consumed {seen} tokens and "
+                f"`input_ids` has {length}: pass a mask of {length} columns (for `input_ids` alone) or of "
+                f"{seen + length} (the consumed tokens too)."
+            )
+        return attention_mask
+    if length > seen:
+        return attention_mask  # the whole sequence: transformers skips the consumed tokens
+    # Only new tokens: a mask over the consumed ones too is how transformers is told not to cut the input.
+    new = attention_mask if attention_mask is not None else torch.ones_like(prompt)
+    return torch.cat([new.new_ones(prompt.shape[0], seen), new], dim=1)
 
 
 class MinRNNModel(MinRNNPreTrainedModel):
@@ -436,7 +342,7 @@ class MinRNNModel(MinRNNPreTrainedModel):
             flattened `(batch * seq)` tokens, as the varlen attention kernels take them. `max_length_q/k`: their
             longest sequence (checked, not needed).
         seq_idx (`(batch, seq)` int): packed sequences as the index of the sequence each token belongs to.
-            Whichever packing inputs are given must agree; see `_sequence_starts`.
+            Whichever packing inputs are given must agree; see `packing.sequence_starts`.
         """
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
 
@@ -445,13 +351,8 @@ class MinRNNModel(MinRNNPreTrainedModel):
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"`input_ids` must have shape (batch, seq); got {tuple(input_ids.shape)}.")
-            if not is_torchdynamo_compiling() and input_ids.numel() > 0:
-                low, high = int(input_ids.min()), int(input_ids.max())
-                if low < 0 or high >= self.config.vocab_size:
-                    raise ValueError(
-                        f"`input_ids` must be in [0, vocab_size={self.config.vocab_size}); got values in "
-                        f"[{low}, {high}]. Check that the tokenizer matches the model (or resize the embeddings)."
-                    )
+            if checks_values(input_ids):
+                _check_token_range(input_ids, self.config.vocab_size)
             inputs_embeds = self.embeddings(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
@@ -465,19 +366,21 @@ class MinRNNModel(MinRNNPreTrainedModel):
             )
 
         if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
+            logger.warning_once(
+                "`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`."
+            )
             use_cache = False
         if use_cache and cache is None:
-            cache = MinRNNCache(self.config)
+            cache = DynamicCache(config=self.config)
         if cache is not None:
             _check_cache(cache, self.config, batch_size)
         has_state = cache is not None and cache.layers[0].has_previous_state[0]
-        padding_mask = _padding_mask(attention_mask, batch_size, seq_len, has_state)
+        padding_mask = padding_mask_from(attention_mask, batch_size, seq_len, has_state)
         if padding_mask is not None:
             # Whatever a padded position's embedding holds (NaN, inf) stays out of every later computation, its
             # gradients included: each block only ever sees zeros there.
             inputs_embeds = inputs_embeds.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
-        reset = _sequence_starts(
+        reset = sequence_starts(
             batch_size, seq_len, padding_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
             seq_idx, inputs_embeds.device,
         )
@@ -559,50 +462,29 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         )
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        """`GenerationMixin.generate`, with an empty prompt refused in one line (transformers would fail on it with
-        an IndexError before the first forward)."""
+        """`GenerationMixin.generate`, with the prompt checked once per call, and one rule for continuing from a
+        cache that has consumed `n` tokens (`cache.get_seq_length()`; returned by a forward or `generate`, filled by
+        `prefill`, or loaded from a state file):
+
+        - `input_ids` longer than `n` tokens is the whole sequence (transformers' convention): its first `n` tokens
+          are the ones the cache consumed, and are skipped;
+        - `input_ids` of at most `n` tokens, or with an `attention_mask` longer than it (covering the consumed
+          tokens too, transformers' way of saying so), holds only the new tokens.
+
+        So more new tokens than the cache has consumed need `attention_mask` of length `n + len(input_ids)`.
+        """
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[1] == 0:
-            raise ValueError(
-                f"The prompt has no tokens (shape {tuple(prompt.shape)}); pass at least one token per row (e.g. the "
-                "BOS token)."
-            )
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and not prompt.is_floating_point():
+            if prompt.shape[1] == 0:
+                raise ValueError(
+                    f"The prompt has no tokens (shape {tuple(prompt.shape)}); pass at least one token per row (e.g. "
+                    "the BOS token)."
+                )
+            # Once per call, not in every decoding step's forward (a host-device sync on an accelerator).
+            _check_token_range(prompt, self.config.vocab_size)
+            if kwargs.get("cache") is not None:
+                kwargs["attention_mask"] = _continuation_mask(prompt, kwargs["cache"], kwargs.get("attention_mask"))
         return super().generate(inputs, *args, **kwargs)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() builds a plain `DynamicCache`; use a `MinRNNCache` instead, which holds the same states and
-        can also roll back (assisted and prompt-lookup decoding) and count its tokens (chunked prefill). A cache
-        the caller passed is used as given."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        built = model_kwargs.get("cache")
-        if type(built) is not DynamicCache or getattr(built, "_is_user_defined", False):
-            return
-        # A rollback never goes back further than the tokens this call may generate (+1: the assistant re-feeds
-        # the last accepted token).
-        max_rollback = max(MinRNNCache(self.config).max_rollback, (generation_config.max_new_tokens or 0) + 1)
-        cache = MinRNNCache(self.config, max_rollback=max_rollback, offloading=built.offloading)
-        if any(getattr(layer, "record_past", False) for layer in built.layers):
-            cache.activate_past_recording()  # as transformers decided for its own cache (an assistant's)
-        model_kwargs["cache"] = cache
-
-    def prepare_inputs_for_generation(
-        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, inputs_embeds=None,
-        is_first_iteration=False, **kwargs,
-    ):
-        # An assistant model's generate() starts each round from its rolled-back cache with the whole sequence;
-        # transformers slices off the consumed tokens only for attention caches, so do it here for the recurrent one.
-        if (
-            next_sequence_length is None
-            and not is_first_iteration
-            and isinstance(cache, MinRNNCache)
-            and cache.is_recording_past(0)
-            and 0 < cache.get_seq_length() < input_ids.shape[1]
-        ):
-            next_sequence_length = input_ids.shape[1] - cache.get_seq_length()
-        return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
-        )
 
     @torch.no_grad()
     def prefill(
@@ -620,7 +502,7 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"`input_ids` must have shape (batch, seq) with at least one token; got {tuple(input_ids.shape)}."
             )
-        cache = cache if cache is not None else MinRNNCache(self.config)
+        cache = cache if cache is not None else DynamicCache(config=self.config)
         for chunk in input_ids.split(chunk_size, dim=1):
             out = self(chunk, cache=cache, use_cache=True, logits_to_keep=1)
         return out

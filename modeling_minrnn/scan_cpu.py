@@ -669,8 +669,8 @@ def _load_ops():
                     building = True
                     # WARNING: the level transformers users see by default (its logging starts at WARNING).
                     logger.warning(
-                        "minrnn: compiling the native CPU scan kernel (first use on this machine, ~30 s; "
-                        f"cached in {os.path.dirname(library)}; build ahead with `python -m modeling_minrnn.build_kernel`)"
+                        "minrnn: compiling the native CPU scan kernel (first use on this machine, ~30 s; cached in "
+                        f"{os.path.dirname(library)}; build ahead with `python -m modeling_minrnn.build_kernel`)"
                     )
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")

@@ -81,33 +81,28 @@ class CarriedState:
     def _cache(self, model_config, rows: slice, restart: torch.Tensor):
         """A `MinRNNCache` holding the carried state of `rows`; rows where `restart` `(rows,)` is True hold zeros."""
         from modeling_minrnn import MinRNNCache
-        from modeling_minrnn.cache_minrnn import MinRNNCacheLayer
 
-        cache = MinRNNCache(model_config)
         if self.h is None:
-            return cache  # nothing carried yet: the model starts from zeros
+            return MinRNNCache(model_config)  # nothing carried yet: the model starts from zeros
         keep = ~restart.unsqueeze(-1)
-        for i in range(len(cache.layers)):
-            conv = self.conv[i]
-            cache.layers[i] = MinRNNCacheLayer.holding(
-                h=torch.where(keep, self.h[i][rows], 0.0),
-                conv=torch.where(keep.unsqueeze(-1), conv[rows], 0.0) if conv is not None else None,
-                conv_kernel=model_config.conv_kernel, seen_tokens=0, max_rollback=cache.max_rollback,
-            )
-        return cache
+        states = [torch.where(keep, h[rows], 0.0) for h in self.h]
+        convs = None if self.conv[0] is None else [torch.where(keep.unsqueeze(-1), c[rows], 0.0) for c in self.conv]
+        return MinRNNCache.from_states(states, convs)
 
     def _store(self, rows: slice, cache) -> None:
+        from modeling_minrnn.cache_minrnn import cache_states
+
+        states, convs = cache_states(cache)
         if self.h is None:
             # Allocated from the first output: the device and dtypes are the model's.
-            self.h = [layer.recurrent_states[0].new_zeros(self.num_rows, *layer.recurrent_states[0].shape[1:])
-                      for layer in cache.layers]
-            self.conv = [layer.conv_states[0].new_zeros(self.num_rows, *layer.conv_states[0].shape[1:])
-                         if layer.is_conv_states_initialized[0] else None for layer in cache.layers]
-        for i, layer in enumerate(cache.layers):
+            self.h = [h.new_zeros(self.num_rows, *h.shape[1:]) for h in states]
+            self.conv = [None] * len(states) if convs is None else [c.new_zeros(self.num_rows, *c.shape[1:])
+                                                                       for c in convs]
+        for i, h in enumerate(states):
             # detach: the next block's gradients stop here (truncated BPTT), and no graph outlives its step.
-            self.h[i][rows] = layer.recurrent_states[0].detach()
-            if self.conv[i] is not None:
-                self.conv[i][rows] = layer.conv_states[0][..., -self.conv[i].shape[-1] :].detach()
+            self.h[i][rows] = h.detach()
+            if convs is not None:
+                self.conv[i][rows] = convs[i].detach()
 
     def forward(self, model, inputs: torch.Tensor, targets: torch.Tensor, rows: slice, index: int, fresh: bool):
         """The model's output (`.loss` over every target) for block `index` of `rows`, `inputs`/`targets`

@@ -94,8 +94,8 @@ def test_an_assistant_continues_from_its_rolled_back_cache():
     )
     first = draft.generate(ids, max_new_tokens=5, **common)
     cache = first.cache
-    # Built by generate() (a MinRNNCache) and switched to recording by transformers, as for any assistant's cache.
-    assert isinstance(cache, MinRNNCache) and cache.is_recording_past(0)
+    # Built by generate() (transformers' own DynamicCache) and switched to recording, as for any assistant's cache.
+    assert type(cache) is DynamicCache and cache.is_recording_past(0)
     cache.crop(-3)  # the target accepted 1 of the 4 fed candidates: keep the prompt and 1 token, re-feed 1
     sequence = first.sequences[:, : ids.shape[1] + 2]
     again = draft.generate(sequence, max_new_tokens=4, cache=cache, **common)
@@ -141,34 +141,43 @@ def test_rollback_restores_the_state_of_any_accepted_length():
 
 def test_rollback_errors_are_clear():
     model = tiny_model()
-    cache = MinRNNCache(model.config, max_rollback=2)
+    cache = MinRNNCache(model.config)
     with torch.no_grad():
         model(prompt(5), cache=cache)
         with pytest.raises(ValueError, match="activate_past_recording"):
             cache.crop(-1)  # not recording: the earlier states were never kept
         cache.activate_past_recording()
         model(prompt(5), cache=cache)
-        with pytest.raises(ValueError, match="max_rollback=2"):
-            cache.crop(-3)
+        with pytest.raises(ValueError, match="recorded only the last 5"):
+            cache.crop(-6)
         with pytest.raises(ValueError, match="negative"):
             cache.crop(3)
-    # A plain DynamicCache cannot roll back: transformers refuses it clearly instead of decoding wrongly.
-    with pytest.raises(ValueError, match="cropped"):
-        model.generate(prompt(), max_new_tokens=8, assistant_model=tiny_model(seed=1),
-                       cache=DynamicCache(config=model.config))
+
+
+def test_plain_dynamic_cache_rolls_back_for_assisted_decoding():
+    """transformers' own cache records and crops the recurrent states itself: assisted decoding through a plain
+    `DynamicCache(config=...)` gives greedy's tokens."""
+    model, draft = tiny_model(), tiny_model(seed=1)
+    ids = prompt()
+    greedy = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assisted = model.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=draft,
+                              cache=DynamicCache(config=model.config))
+    torch.testing.assert_close(assisted, greedy)
 
 
 def test_states_are_recorded_only_while_transformers_asks_for_it():
     model = tiny_model()
     with torch.no_grad():
         out = model(prompt(200), use_cache=True)
-        assert all(layer.past_states is None for layer in out.cache.layers)  # plain forward: nothing kept
+        assert not out.cache.is_recording_past(0)  # plain forward: nothing kept
         out.cache.activate_past_recording()
-        model(prompt(300), cache=out.cache)
+        model(prompt(30), cache=out.cache)
     layer = out.cache.layers[0]
-    # Bounded by max_rollback whatever the forward's length, for the states and for the conv inputs.
-    assert layer.past_states.shape[1] == layer.max_rollback + 1
-    assert layer.conv_states[0].shape[-1] == layer.max_rollback + model.config.conv_kernel
+    # The state before each of the 30 tokens, kept until the next crop; crop(0) drops them.
+    assert len(layer.recurrent_states_history[0]) == 30
+    out.cache.crop(0)
+    assert len(layer.recurrent_states_history[0]) == 0
+    assert layer.conv_states[0].shape[-1] == model.config.conv_kernel
 
 
 # --- chunked prefill ------------------------------------------------------------------------------------------------
@@ -348,7 +357,7 @@ def test_select_reorder_and_concatenate_states_of_different_prompts():
         batch.batch_select_indices(torch.tensor([1]))
         torch.testing.assert_close(model(last[1:2], cache=batch).logits[:, -1], alone[1:2], rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(ValueError, match="hold a state"):
+    with pytest.raises(ValueError, match="holds no state"):
         MinRNNCache.concatenate([states[0], MinRNNCache(model.config)])
 
 
