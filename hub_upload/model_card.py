@@ -14,6 +14,8 @@ import re
 
 import yaml
 
+from modeling_minrnn.cells import CELLS
+
 NOT_RECORDED = "not recorded"
 LOSS_CURVE_FILE = "loss_curve.png"
 USAGE_PROMPT = "Once upon a time"
@@ -36,7 +38,7 @@ CITATION = """\
   year    = {2024}
 }"""
 
-CELL_NAMES = {"mingru": "minGRU", "minlstm": "minLSTM"}
+CELL_NAMES = {cell_type: cell.name for cell_type, cell in CELLS.items()}
 # A Hub dataset id: "namespace/name", or a legacy bare "name" (no dot there: "pydoc_data.topics" is a module).
 # Anything else stays out of the YAML metadata, where the Hub expects ids, and is described in the card's body.
 _HUB_DATASET_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*|[A-Za-z0-9][\w-]*)$")

@@ -3,10 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
+from .cells import CELL_TYPES
 from .scan import SCAN_BACKENDS
-
-
-CELL_TYPES = ("mingru", "minlstm")
 
 
 @strict

@@ -1,7 +1,7 @@
 """minGRU / minLSTM causal language models ("Were RNNs All We Needed?", Feng et al. 2024, arXiv:2410.01201).
 
-Reading order: gate functions -> mixer (conv + cell + projection) -> block -> pretrained base -> model -> LM head.
-The recurrence itself lives in `scan.py`; this file only computes the cells' gates and wires the blocks.
+Reading order: mixer (conv + cell + projection) -> block -> pretrained base -> model -> LM head.
+The recurrence lives in `scan.py`, the cells' gates in `cells.py`; this file wires them into blocks and a model.
 """
 
 import torch
@@ -19,6 +19,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .cache_minrnn import forget_before, register_tokens
+from .cells import CELLS
 from .configuration_minrnn import MinRNNConfig
 from .long_sequence import ChunkedBackwardOutput, chunked_backward
 from .packing import checks_values, padding_mask_from, sequence_starts
@@ -27,34 +28,6 @@ from .scan_cpu import cpu_cell_scan
 
 
 logger = logging.get_logger(__name__)
-
-
-def log_g(x: torch.Tensor) -> torch.Tensor:
-    """log of the paper's positive activation `g(x) = x + 0.5 if x >= 0 else sigmoid(x)`."""
-    # clamp, not relu: its gradient at exactly 0 is 1, the right-hand derivative of g.
-    return torch.where(x >= 0, (x.clamp(min=0) + 0.5).log(), -F.softplus(-x))
-
-
-def mingru_log_gates(k: torch.Tensor, h_tilde: torch.Tensor):
-    """minGRU: `h_t = (1 - z_t) h_{t-1} + z_t g(h~_t)` with `z_t = sigmoid(k_t)`. Returns `(log_a, log_b)`."""
-    log_coeffs = -F.softplus(k)  # log(1 - z)
-    log_z = log_coeffs + k  # -softplus(-k), one pass cheaper: softplus(k) - softplus(-k) = k
-    return log_coeffs, log_z + log_g(h_tilde)
-
-
-def minlstm_log_gates(f: torch.Tensor, i: torch.Tensor, h_tilde: torch.Tensor):
-    """minLSTM: `h_t = f'_t h_{t-1} + i'_t g(h~_t)` with the normalised gates `f' = f / (f + i)`, `i' = i / (f + i)`.
-
-    `log f' = -softplus(log i - log f)` and `log i' = -softplus(log f - log i)`, where `log f - log i` equals
-    `softplus(-i) - softplus(-f)` for sigmoid gates. Returns `(log_a, log_b)`.
-    """
-    diff = F.softplus(-f) - F.softplus(-i)  # log i - log f
-    log_f = -F.softplus(diff)
-    log_i = -F.softplus(-diff)
-    return log_f, log_i + log_g(h_tilde)
-
-
-_CELL_GATES = {"mingru": (2, mingru_log_gates), "minlstm": (3, minlstm_log_gates)}
 
 
 class MinRNNMixer(nn.Module):
@@ -73,7 +46,7 @@ class MinRNNMixer(nn.Module):
         self.conv_kernel = config.conv_kernel
         self.scan_backend = config.scan_backend
         self.cell_type = config.cell_type
-        self.n_gates, self.log_gates = _CELL_GATES[config.cell_type]
+        self.n_gates, self.log_gates = CELLS[config.cell_type].projections, CELLS[config.cell_type].log_gates
         if self.conv_kernel > 0:
             self.conv1d = nn.Conv1d(
                 self.hidden_size, self.hidden_size, self.conv_kernel, groups=self.hidden_size,

@@ -29,6 +29,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from transformers.utils import logging
 
+from .cells import CELLS
+
 logger = logging.get_logger(__name__)
 
 _DISABLE_ENV = "MINRNN_DISABLE_CPU_EXT"
@@ -787,7 +789,7 @@ def cpu_scan(
     return _CpuScan.apply(log_a.float().contiguous(), log_b.float().contiguous(), initial_state, reset)
 
 
-_CELL_PROJECTIONS = {"mingru": 2, "minlstm": 3}
+_CELL_PROJECTIONS = {cell_type: cell.projections for cell_type, cell in CELLS.items()}
 
 
 class _CpuCellScan(torch.autograd.Function):
@@ -821,7 +823,7 @@ def cpu_cell_scan(
     """A whole minGRU or minLSTM cell in one native pass: gates from the input projections, then the recurrence.
 
     Computes the same as the cells' log-space gates (`mingru_log_gates`, `minlstm_log_gates` in
-    `modeling_minrnn.py`) followed by :func:`cpu_scan`, without materialising the gates: about a third of the
+    `cells.py`) followed by :func:`cpu_scan`, without materialising the gates: about a third of the
     memory traffic, and the backward recomputes the gates from the projections.
 
     Args:

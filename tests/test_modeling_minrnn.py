@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_config, tiny_model
 from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
-from modeling_minrnn.modeling_minrnn import log_g, minlstm_log_gates, mingru_log_gates
+from modeling_minrnn.cells import log_g, minlstm_log_gates, mingru_log_gates
 
 
 CELLS_AND_CONVS = [("mingru", 4), ("mingru", 0), ("minlstm", 4), ("minlstm", 0)]

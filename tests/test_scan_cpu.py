@@ -14,7 +14,7 @@ import torch
 
 from conftest import reference_scan
 
-from modeling_minrnn.modeling_minrnn import mingru_log_gates, minlstm_log_gates
+from modeling_minrnn.cells import mingru_log_gates, minlstm_log_gates
 from modeling_minrnn.scan_cpu import cpu_cell_scan, cpu_scan, cpu_scan_available
 
 pytestmark = pytest.mark.skipif(
