@@ -213,7 +213,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(checkpointing):
         model = tiny_model(dropout=0.1).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()  # transformers 5.25 name
         ids = torch.randint(3, 48, (2, 12), generator=torch.Generator().manual_seed(0))
         torch.manual_seed(3)
         model(ids, labels=ids).loss.backward()
