@@ -467,7 +467,8 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
 
         The state crosses chunk boundaries in the cache, so the result equals one full forward. Returns the last
         position's logits `(batch, 1, vocab)` and the cache; to generate after it, prefill all but the prompt's last
-        token and call `generate(input_ids[:, -1:], cache=out.cache, ...)`.
+        token and call `generate(input_ids, cache=out.cache, ...)` (or `generate(input_ids[:, -1:], ...)`: see the
+        rule in `generate`).
         """
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be >= 1; got {chunk_size}.")
