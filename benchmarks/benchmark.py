@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel, LogitsProce
 from transformers import __version__ as transformers_version
 from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 from modeling_minrnn.modeling_minrnn import MinRNNMixer
 from modeling_minrnn.scan import linear_recurrence, resolve_backend

@@ -26,17 +26,14 @@ in seconds (the test).
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM  # noqa: E402
+from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 
 
 def parse_args(argv=None):
@@ -71,7 +68,7 @@ class ForwardCounter:
 def passages(args):
     """(prompt, the passage's rest) pairs from held-out text (the pretraining script's validation split: the last
     10% of the corpus's characters), each passage starting at the beginning of a line."""
-    from text_data import default_corpus, split_by_characters
+    from minrnn_training.data import default_corpus, split_by_characters
 
     _, validation = split_by_characters(default_corpus(), 0.1)
     text = "\n".join(validation)

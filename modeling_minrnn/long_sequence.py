@@ -10,12 +10,12 @@ chunk's activations plus one state per chunk boundary.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.utils import ModelOutput
-
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
 
@@ -70,13 +70,20 @@ class _GraphStateLayer(LinearAttentionLayer):
         return recurrent_states
 
 
-def _snapshot(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Copies of every layer's `(h, conv window)`: the cache overwrites its tensors in place on the next chunk."""
+class LayerState(NamedTuple):
+    """One block's recurrent state: `h` `(batch, recurrent)` and the conv window `(batch, hidden, conv_kernel)`
+    (None without a conv). The snapshot format of chunked backprop and of carried-state training."""
+
+    h: torch.Tensor
+    conv: torch.Tensor | None
+
+
+def layer_states(cache: Cache) -> list[LayerState]:
+    """Every layer's `LayerState` in `cache`, as views (the cache overwrites them in place on its next forward)."""
     return [
-        (
-            layer.recurrent_states[0].clone(),
-            layer.conv_states[0][..., -layer.conv_kernel_size[0] :].clone() if layer.is_conv_states_initialized[0]
-            else None,
+        LayerState(
+            layer.recurrent_states[0],
+            layer.conv_states[0][..., -layer.conv_kernel_size[0] :] if layer.is_conv_states_initialized[0] else None,
         )
         for layer in cache.layers
     ]
@@ -160,7 +167,9 @@ def chunked_backward(
             cache = run(start, cache, logits_to_keep=1).cache
             if cache is None:
                 raise ValueError("The model returned no cache with `use_cache=True`; its state cannot be carried.")
-            entering.append(_snapshot(cache))
+            # Copies: the cache overwrites its state in place on the next chunk.
+            entering.append([LayerState(h.clone(), None if conv is None else conv.clone())
+                             for h, conv in layer_states(cache)])
     num_layers = len(entering.pop())  # the state after the last chunk feeds nothing
     del cache
 
