@@ -78,7 +78,8 @@ def preflight(config: TrainConfig, options: LaunchOptions) -> Preflight:
     try:
         model_config(config, config.vocab_size or config.tokenizer_vocab_size)
     except (ValueError, StrictDataclassError) as error:
-        raise ConfigError(str(error)) from None
+        # The validator's own message, without the dataclass machinery's line above it.
+        raise ConfigError(str(error.__cause__ or error)) from None
     return Preflight(checkpoint, log_with, plot)
 
 

@@ -2,9 +2,13 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from minrnn_training.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "pretrain.py"
@@ -46,6 +50,18 @@ def run(args, *, launcher=(sys.executable,), timeout=300, check=True, cwd=REPO, 
         raise AssertionError(f"pretrain.py {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
+
+
+def kill_after_first_checkpoint(args, output_dir: Path) -> None:
+    """Start pretrain.py with `args` in `output_dir` and kill -9 it once its first checkpoint is complete (maybe in
+    the middle of writing the next)."""
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--output-dir", str(output_dir)], cwd=REPO,
+                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(str(output_dir)) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
 
 
 def train_log(output_dir: Path) -> list[dict]:

@@ -2,18 +2,13 @@
 (exactly each document alone), and the training runs that use it (`--carry-state`)."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from conftest import tiny_model
-from pretrain_runs import REPO, SCRIPT, TINY, TWO_PROCESSES, env, run, step_losses
+from pretrain_runs import TINY, TWO_PROCESSES, kill_after_first_checkpoint, run, step_losses
 
 from minrnn_training.carried_state import CarriedState
-from minrnn_training.checkpoint import latest_checkpoint
 from minrnn_training.data import default_corpus
 
 EOS = 2
@@ -139,14 +134,7 @@ def test_carried_state_resumes_exactly_after_sigkill(tmp_path, small_corpus):
     run([*common, "--save-every", "22", "--output-dir", str(reference)])
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *common, "--save-every", "3",
-                                "--output-dir", str(crashed)],
-                               cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while latest_checkpoint(str(crashed)) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
+    kill_after_first_checkpoint([*common, "--save-every", "3"], crashed)
 
     resumed = run([*common, "--save-every", "3", "--output-dir", str(crashed), "--resume"])
     assert "carried state over 8 streams of 681 tokens (reset: none)" in resumed.stdout

@@ -4,13 +4,9 @@ even after kill -9 mid-save."""
 import dataclasses
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from pretrain_runs import REPO, SCRIPT, TINY, env, run, step_losses
+from pretrain_runs import TINY, kill_after_first_checkpoint, run, step_losses
 
 from minrnn_training.checkpoint import (
     COMPLETE_MARKER,
@@ -32,13 +28,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     run([*common, "--save-every", "30", "--output-dir", str(reference)])
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *common, "--save-every", "3", "--output-dir", str(crashed)],
-                               cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while latest_checkpoint(str(crashed)) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
+    kill_after_first_checkpoint([*common, "--save-every", "3"], crashed)
     assert not (crashed / "training_summary.json").exists()
 
     resumed = run([*common, "--save-every", "3", "--output-dir", str(crashed), "--resume"])
@@ -133,3 +123,27 @@ def test_resume_refuses_changed_settings(tmp_path):
     assert "eval_every" not in str(info.value)
     with pytest.raises(ConfigError, match=r"processes: 1 -> 2"):
         check_resumable(config, {**saved, "config": dataclasses.asdict(config)}, 2, tmp_path)
+
+
+@pytest.mark.parametrize("source", ["packed", "carried", "streamed"])
+def test_resume_continues_exactly(tmp_path, source):
+    """In one process, for each batch source: a run resumed from its step-2 checkpoint logs the same step-3 loss
+    and final eval loss as the run that went on (model, optimizer, RNG, data position, carried state restored)."""
+    from minrnn_training.loop import main
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i}: " + "words and more words " * (i % 7 + 1)}) + "\n"
+                            for i in range(300)))
+    extra = {"packed": [], "carried": ["--carry-state", "true", "--dataset", str(data)],
+             "streamed": ["--streaming", "true", "--dataset", str(data), "--val-documents", "20"]}[source]
+    out = tmp_path / "out"
+    args = [*TINY, *extra, "--batch-size", "2", "--max-steps", "3", "--eval-every", "3", "--save-every", "2",
+            "--keep-last", "3", "--dropout", "0.1", "--sample-tokens", "0", "--output-dir", str(out)]
+    main(args)
+    finished = step_losses(out)
+    summary = json.loads((out / "training_summary.json").read_text())
+    shutil.rmtree(out / "checkpoints" / "step-0000003")
+    main([*args, "--resume"])
+    assert step_losses(out) == finished
+    assert json.loads((out / "training_summary.json").read_text())["final_eval_loss"] == summary["final_eval_loss"]
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]

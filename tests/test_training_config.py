@@ -115,8 +115,8 @@ def test_unknown_key_in_recipe_file(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--cell-type", "gru"], r"`cell_type` must be one of \('mingru', 'minlstm'\); got 'gru'"),
-    (["--scan-backend", "fast"], r"scan_backend"),
+    (["--cell-type", "gru"], r"^`cell_type` must be one of \('mingru', 'minlstm'\); got 'gru'.$"),
+    (["--scan-backend", "fast"], r"^`scan_backend` must be one of \('auto', 'sequential', .*\); got 'fast'.$"),
     (["--chat-template", "{% for %}"], r"chat_template '\{% for %\}': Jinja syntax error at line 1"),
     (["--chat-template", "missing.jinja"], r"chat_template='missing.jinja': no such file"),
 ])
