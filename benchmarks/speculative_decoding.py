@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):

@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from modeling_minrnn import MinRNNCache, MinRNNConfig, MinRNNForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (name, MinRNNConfig overrides, prompt lengths): the speculative-decoding target, and GPT-2 small's width and
 # depth with the default expansion (MLP off: it holds no state, and this way 100k tokens prefill in a minute on CPU).
 SHAPES = [
-    ("benchmark target (192 x 4)", {"hidden_size": 192, "num_hidden_layers": 4, "intermediate_size": 768}, (1_000, 100_000)),
+    ("benchmark target (192 x 4)", {"hidden_size": 192, "num_hidden_layers": 4, "intermediate_size": 768},
+     (1_000, 100_000)),
     ("GPT-2 small shape (768 x 12)", {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 0},
      (1_000, 100_000)),
 ]

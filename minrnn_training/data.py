@@ -84,10 +84,12 @@ def _local_files(spec: str) -> list[str] | None:
         matches = sorted(glob.glob(part)) if any(ch in part for ch in "*?[") else [part]
         if os.path.isdir(part):
             matches = sorted(
-                os.path.join(part, name) for name in os.listdir(part) if os.path.splitext(name)[1].lower() in LOCAL_BUILDERS
+                os.path.join(part, name) for name in os.listdir(part)
+                if os.path.splitext(name)[1].lower() in LOCAL_BUILDERS
             )
         if not matches or not all(os.path.isfile(path) for path in matches):
-            raise FileNotFoundError(f"dataset {spec!r}: {part!r} matches no readable file (found {matches or 'nothing'})")
+            raise FileNotFoundError(
+                f"dataset {spec!r}: {part!r} matches no readable file (found {matches or 'nothing'})")
         files.extend(matches)
     return files
 
@@ -142,7 +144,8 @@ def _builder_for(files: list[str]) -> str:
 def _column(dataset, text_column: str, name: str):
     columns = dataset.column_names
     if columns is not None and text_column not in columns:
-        raise ValueError(f"dataset {name!r} has no text column {text_column!r}; its columns are {columns} (use --text-column)")
+        raise ValueError(
+            f"dataset {name!r} has no text column {text_column!r}; its columns are {columns} (use --text-column)")
     if columns is not None and columns != [text_column]:
         dataset = dataset.select_columns([text_column])
     return dataset.rename_column(text_column, "text") if text_column != "text" else dataset

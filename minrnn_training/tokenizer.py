@@ -55,7 +55,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     specials = [EOS_TOKEN, PAD_TOKEN]
     minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(specials)
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: it needs at least {minimum} (256 bytes + specials)")
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: it needs at least {minimum} "
+                         "(256 bytes + specials)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -106,7 +107,8 @@ def chat_template(value: str | None) -> str:
     try:
         jinja2.Environment().parse(template)
     except jinja2.TemplateSyntaxError as error:
-        raise ValueError(f"chat_template {value!r}: Jinja syntax error at line {error.lineno}: {error.message}") from None
+        raise ValueError(
+            f"chat_template {value!r}: Jinja syntax error at line {error.lineno}: {error.message}") from None
     return template
 
 
@@ -141,11 +143,13 @@ def run_tokenizer(config: TrainConfig, splits, accelerator, checkpoint: Path | N
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_tokenizer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=None, help="Hub id or local .txt/.jsonl/.parquet files (default: the embedded corpus)")
+    parser.add_argument("--dataset", default=None,
+                        help="Hub id or local .txt/.jsonl/.parquet files (default: the embedded corpus)")
     parser.add_argument("--dataset-config", default=None, help="Hub dataset configuration name")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it whole")
-    parser.add_argument("--max-chars", type=int, default=None, help="train on about this many characters (needed for big streams)")
+    parser.add_argument("--max-chars", type=int, default=None,
+                        help="train on about this many characters (needed for big streams)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, specials included")
     parser.add_argument("--char-level", action="store_true", help="one token per character instead of BPE")
     parser.add_argument("--chat-template", default=None,
@@ -160,7 +164,8 @@ def main(argv=None) -> None:
     if args.streaming and args.max_chars is None:
         raise SystemExit("--streaming needs --max-chars: a tokenizer trainer must see a finite sample of the stream")
     try:
-        splits = load_text_splits(args.dataset, dataset_config=args.dataset_config, text_column=args.text_column, streaming=args.streaming)
+        splits = load_text_splits(args.dataset, dataset_config=args.dataset_config, text_column=args.text_column,
+                                  streaming=args.streaming)
         template = chat_template(args.chat_template)
         texts = iter_texts(splits.train, args.max_chars)
         tokenizer = train_tokenizer(texts, char_level=args.char_level, vocab_size=args.vocab_size)

@@ -3,7 +3,7 @@
     accelerate launch scripts/pretrain.py                       # tiny recipe on the embedded corpus, offline
     python scripts/download_tinyshakespeare.py && \\
         accelerate launch scripts/pretrain.py --config configs/shakespeare_char.yaml --max-steps 2000
-    accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --batch-size 8   # 2 gloo processes on a CPU machine
+    accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py --batch-size 8   # 2 processes on CPUs
     accelerate launch scripts/pretrain.py --output-dir out/tiny --resume   # continue after a crash
     accelerate launch scripts/pretrain.py --carry-state        # each row reads its own stream; state carried over
 

@@ -162,11 +162,12 @@ def test_experiment_settings_take_lists_both_ways(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("models: [x, y]\nlr_grid: [1.0e-3, 3.0e-3]\ndata: embedded\n")
     settings = parse_settings(ExperimentSettings, ["--config", str(recipe), "--steps", "4"])
-    assert (settings.models, settings.lr_grid, settings.steps, settings.data) == (["x", "y"], [1e-3, 3e-3], 4, "embedded")
-    assert parse_settings(ExperimentSettings, ["--models", "x,y", "z", "--lr-grid", "1e-3,1e-2"]).models == ["x", "y", "z"]
+    assert (settings.models, settings.lr_grid, settings.steps) == (["x", "y"], [1e-3, 3e-3], 4)
+    assert settings.data == "embedded"
+    assert parse_settings(ExperimentSettings, ["--models", "x,y", "z"]).models == ["x", "y", "z"]
     assert parse_settings(ExperimentSettings, ["--lr-grid", "1e-3,1e-2"]).lr_grid == [1e-3, 1e-2]
     assert parse_settings(ExperimentSettings, ["--data", "none"]).data is None
-    with pytest.raises(SystemExit, match=r"^error: command line: unknown argument '--model' \(did you mean --models\?\)"):
+    with pytest.raises(SystemExit, match=r"^error: command line: unknown argument '--model' \(did you mean --models"):
         parse_settings(ExperimentSettings, ["--model", "x"])
     with pytest.raises(SystemExit, match=r"^error: .*r.yaml: unknown setting 'step' \(did you mean 'steps'\?\)"):
         recipe.write_text("step: 3\n")
