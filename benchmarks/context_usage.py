@@ -288,8 +288,8 @@ def main():
         "train_tokens": len(train_tokens), "heldout_tokens": len(heldout), "windows": len(windows),
         "doc_tokens": args.doc_tokens, "bucket_edges": edges, "steps": args.steps, "batch_size": args.batch_size,
         "block_size": args.block_size, "lr": args.lr, "eval_chunk": args.eval_chunk,
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s), "
-                   "2 cores shared with other jobs",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
+                   "thread(s), other jobs running",
     }
     for kind in args.models:
         model = build_model(kind, len(tokenizer), args)

@@ -71,7 +71,7 @@ def measure_point(method: str, seq: int, chunk_size: int, threads: int) -> dict:
     step(ids)
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is in KiB on Linux
     # Timed after the first call at this length, which also pays one-off costs (~10x at 16k tokens here); the best
-    # of 3, as the machine is shared.
+    # of 3, as other jobs may load the machine.
     times = []
     for _ in range(3):
         model.zero_grad(set_to_none=True)
@@ -120,7 +120,7 @@ def report(rows: list, args) -> str:
          "during the call minus its size before it. Each point in a fresh process."),
         "",
         (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
-         f"threads, torch {torch.__version__}; shared with other jobs, so times are rough (compare within the run)."),
+         f"threads, torch {torch.__version__}; other jobs running, so times are rough (compare within the run)."),
         "",
         "Command: `" + " ".join(["python benchmarks/long_sequence_memory.py", *sys.argv[1:]]) + "`",
         "",
