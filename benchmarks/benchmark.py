@@ -18,7 +18,7 @@ Every comparison runs side by side in the same process, so the ratios hold for t
    `torch.profiler` breakdown of minrnn's decode step.
 5. memory: peak memory of one training forward + backward at T = 4096.
 
-Writes `benchmark_<device>.md` (tables of absolute numbers and ratios, the targets of issue 6), `benchmark_<device>.png`,
+Writes `benchmark_<device>.md` (tables of absolute numbers and ratios, the CPU speed targets), `benchmark_<device>.png`,
 `benchmark_<device>.json` and `decode_profile_<device>.txt` under `--out`. `--quick` runs every section at tiny
 sizes in seconds (the smoke test). minGRU-pytorch is optional (`pip install minGRU-pytorch`); without it its rows
 are skipped with a note.
@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel, LogitsProce
 from transformers import __version__ as transformers_version
 from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 from modeling_minrnn.modeling_minrnn import MinRNNMixer
 from modeling_minrnn.scan import linear_recurrence, resolve_backend
@@ -608,7 +606,7 @@ def memory_report(rows: list, device: str) -> str:
 
 
 def targets_report(results: dict, device: str) -> str:
-    """The CPU targets of issue 6, computed from this run (a target whose rows were not run is left out)."""
+    """The CPU speed targets, computed from this run (a target whose rows were not run is left out)."""
     checks = []  # (target, measured, threshold, higher_is_better)
 
     def add(target, measured, threshold, higher=True):
@@ -651,7 +649,7 @@ def targets_report(results: dict, device: str) -> str:
         add(f"decode tok/s at {prompts[-1]}: minrnn / GPT-2 >= 3", long["tokens_per_s"] / gpt2["tokens_per_s"], 3.0)
     table = [[target, f"{measured:.2f}", "met" if (measured >= threshold if higher else measured <= threshold)
               else "NOT met"] for target, measured, threshold, higher in checks]
-    return markdown_table(["target (issue 6)", "measured", ""], table)
+    return markdown_table(["target", "measured", ""], table)
 
 
 def plot(results: dict, path: Path, title: str) -> None:
@@ -738,7 +736,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
+                        help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the static-cache + torch.compile decode (compiling takes ~1 minute on a CPU)")
     args = parser.parse_args(argv)

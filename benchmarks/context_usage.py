@@ -4,7 +4,7 @@ Three models trained with the same recipe, data and token budget on blocks of `-
 
 - `mingru-zero-state`: minGRU on random blocks, each from a zero state (what `scripts/pretrain.py` does by default);
 - `mingru-carried`: the same minGRU, each batch row reading its own contiguous stream with the final state of one
-  block carried (detached) into the next (`scripts/state_streams.py`, as `pretrain.py --carry-state`);
+  block carried (detached) into the next (`minrnn_training.carried_state`, as `pretrain.py --carry-state`);
 - `llama`: a parameter-matched transformers `LlamaForCausalLM` on the same random blocks, its window = the block.
 
 Evaluation on held-out text: `--windows` windows of `--doc-tokens` + 1 tokens evenly spaced over the held-out
@@ -18,7 +18,7 @@ one): `[1, 2), [2, 4), ..., [doc_tokens / 2, doc_tokens]`.
 
 Corpora:
 - `shakespeare`: `--data` tinyshakespeare.txt, character level, last 10% held out (nanoGPT's split); one document.
-- `pydoc`: the embedded corpus (`pydoc_data.topics`, via scripts/text_data.py), byte-level BPE (1024) trained on
+- `pydoc`: the embedded corpus (`pydoc_data.topics`, via `minrnn_training.data`), byte-level BPE (1024) trained on
   the training part; the last 20% of characters held out (10% would give fewer than 16k tokens). No topic is 16k
   tokens long, so the held-out topics are concatenated, EOS between them, into one stream: here "position in the
   document" is the position in that stream, and the carried model is trained without resets at EOS to match.
@@ -32,6 +32,7 @@ model replaces its entry); the Markdown table and the PNG are rewritten from the
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -44,13 +45,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(1, str(REPO))
+from minrnn_training.carried_state import CarriedState
+from minrnn_training.data import PackedBlocks, TokenStreams, load_text_splits, tokenize_documents
+from minrnn_training.schedule import decay_groups, lr_at, set_lr
+from minrnn_training.tokenizer import train_tokenizer
 
-from state_streams import CarriedState, TokenStreams  # noqa: E402
-from text_data import PackedBlocks, load_text_splits, tokenize_documents  # noqa: E402
-from train_tokenizer import train_tokenizer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS = ("mingru-zero-state", "mingru-carried", "llama")
 VAL_FRACTION = {"shakespeare": 0.1, "pydoc": 0.2}
@@ -72,8 +72,9 @@ def load_corpus(corpus: str, data: str | None):
 
 def build_model(kind: str, vocab_size: int, args):
     """The minGRU of both RNN runs, or a Llama whose MLP width makes its parameter count the minGRU's."""
-    from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 
     torch.manual_seed(args.seed)
     rnn_config = MinRNNConfig(
@@ -100,21 +101,9 @@ def build_model(kind: str, vocab_size: int, args):
     return llama(intermediate)
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warmup, cosine decay to lr / 10 (pretrain.py's schedule)."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return args.lr / 10 + 0.5 * (args.lr - args.lr / 10) * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train(model, kind: str, tokens: np.ndarray, args) -> dict:
     """`args.steps` AdamW steps of `batch_size` blocks of `block_size` inputs (and as many targets) each."""
-    embeddings = {id(model.get_input_embeddings().weight)}
-    decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in model.parameters() if p.ndim < 2 or id(p) in embeddings]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(decay_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95))
     if kind == "mingru-carried":
         streams = TokenStreams(tokens, args.batch_size, args.block_size)
         carried = CarriedState(args.batch_size, "none")
@@ -123,8 +112,9 @@ def train(model, kind: str, tokens: np.ndarray, args) -> dict:
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+        # pretrain.py's schedule, cosine to a tenth of the peak.
+        set_lr(optimizer, lr_at(step, lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup_steps,
+                                max_steps=args.steps))
         if kind == "mingru-carried":
             inputs, targets = (torch.from_numpy(part) for part in streams.block(step, range(args.batch_size)))
             out = carried.forward(model, inputs, targets, slice(None), step, fresh=streams.starts_epoch(step))
@@ -202,7 +192,7 @@ def bucket_edges(doc_tokens: int) -> list[int]:
 
 def bucket_means(losses: torch.Tensor, edges: list[int]) -> list[float]:
     """Mean loss per bucket; column `j` of `losses` is the target at position `t = j + 1`."""
-    return [float(losses[:, lo - 1 : hi - 1].mean()) for lo, hi in zip(edges[:-1], edges[1:])]
+    return [float(losses[:, lo - 1 : hi - 1].mean()) for lo, hi in itertools.pairwise(edges)]
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -225,16 +215,16 @@ def write_report(results: dict, out: Path) -> None:
         setup, edges = entry["setup"], entry["setup"]["bucket_edges"]
         names = [name for name in MODELS if name in entry["models"]]
         lines += [f"## {corpus}", "", f"`{setup['command']}`", "",
-                  f"{setup['corpus_note']}; {setup['train_tokens']:,} training tokens, held-out windows: "
-                  f"{setup['windows']} x {setup['doc_tokens']:,} tokens from {setup['heldout_tokens']:,}; "
-                  f"{setup['steps']} steps x "
-                  f"{setup['batch_size']} x {setup['block_size']} tokens; lr {setup['lr']}; {setup['machine']}.", "",
+                  (f"{setup['corpus_note']}; {setup['train_tokens']:,} training tokens, held-out windows: "
+                   f"{setup['windows']} x {setup['doc_tokens']:,} tokens from {setup['heldout_tokens']:,}; "
+                   f"{setup['steps']} steps x "
+                   f"{setup['batch_size']} x {setup['block_size']} tokens; lr {setup['lr']}; {setup['machine']}."), "",
                   "| model | parameters | train loss (last 50 steps) | training time | "
                   + " | ".join(f"t = {lo}" if hi - 1 == lo else f"{lo}-{hi - 1}"
-                               for lo, hi in zip(edges[:-1], edges[1:]))
+                               for lo, hi in itertools.pairwise(edges))
                   + " |",
                   "| --- | --- | --- | --- | " + " | ".join("---" for _ in edges[:-1]) + " |"]
-        centers = [math.sqrt(lo * (hi - 1)) if hi - 1 > lo else lo for lo, hi in zip(edges[:-1], edges[1:])]
+        centers = [math.sqrt(lo * (hi - 1)) if hi - 1 > lo else lo for lo, hi in itertools.pairwise(edges)]
         for name in names:
             model = entry["models"][name]
             lines.append(f"| {name} | {model['parameters']:,} | {model['final_train_loss']:.3f} | "
@@ -242,7 +232,7 @@ def write_report(results: dict, out: Path) -> None:
                          + " | ".join(f"{value:.3f}" for value in model["bucket_loss"]) + " |")
             ax.plot(centers, model["bucket_loss"], "o-", label=f"{name} ({model['parameters'] / 1e6:.2f}M)")
         lines += ["| scored tokens per bucket | | | | " + " | ".join(
-            f"{setup['windows'] * (hi - lo):,}" for lo, hi in zip(edges[:-1], edges[1:])) + " |", ""]
+            f"{setup['windows'] * (hi - lo):,}" for lo, hi in itertools.pairwise(edges)) + " |", ""]
         ax.axvline(setup["block_size"], color="gray", linestyle=":", label=f"training block ({setup['block_size']})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("position in the document (tokens before)")
@@ -298,8 +288,8 @@ def main():
         "train_tokens": len(train_tokens), "heldout_tokens": len(heldout), "windows": len(windows),
         "doc_tokens": args.doc_tokens, "bucket_edges": edges, "steps": args.steps, "batch_size": args.batch_size,
         "block_size": args.block_size, "lr": args.lr, "eval_chunk": args.eval_chunk,
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s), "
-                   "2 cores shared with other jobs",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
+                   "thread(s), other jobs running",
     }
     for kind in args.models:
         model = build_model(kind, len(tokenizer), args)

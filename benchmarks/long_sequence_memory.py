@@ -15,7 +15,7 @@ call at 512 tokens, a first call at T (RSS growth), 3 timed calls (the best is r
   minus its resident size just before that call: everything the OS had to provide, allocator slack included.
 
 Full backprop is skipped where the tensor peak projected from its largest measured point (it grows linearly in T)
-exceeds `--full-limit-gib` (default 8 GiB; the machine has 24 GiB, shared). Writes `long_sequence_memory.md` and
+exceeds `--full-limit-gib` (default 8 GiB). Writes `long_sequence_memory.md` and
 `.json` under `--out`.
 """
 
@@ -31,13 +31,10 @@ from pathlib import Path
 
 import torch
 
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-MODEL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, expansion_factor=2.0, conv_kernel=4,
-             intermediate_size=256)
+MODEL = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "expansion_factor": 2.0, "conv_kernel": 4,
+         "intermediate_size": 256}
 LENGTHS = (16_384, 65_536, 262_144, 1_048_576)
 GIB = 2**30
 
@@ -51,6 +48,7 @@ def resident_bytes() -> int:
 def measure_point(method: str, seq: int, chunk_size: int, threads: int) -> dict:
     """One point, in this process: warm-up, a timed call (RSS growth), a profiled call (tensor peak)."""
     from benchmark import peak_memory_bytes
+
     from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 
     torch.set_num_threads(threads)
@@ -73,7 +71,7 @@ def measure_point(method: str, seq: int, chunk_size: int, threads: int) -> dict:
     step(ids)
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is in KiB on Linux
     # Timed after the first call at this length, which also pays one-off costs (~10x at 16k tokens here); the best
-    # of 3, as the machine is shared.
+    # of 3, as other jobs may load the machine.
     times = []
     for _ in range(3):
         model.zero_grad(set_to_none=True)
@@ -115,14 +113,14 @@ def report(rows: list, args) -> str:
     header = [
         "# Long-sequence training: peak memory of one backward, chunked against full backprop",
         "",
-        f"Model: minGRU, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, expansion "
-        f"{MODEL['expansion_factor']:g}, conv {MODEL['conv_kernel']}, MLP {MODEL['intermediate_size']}, vocab "
-        f"{MODEL['vocab_size']} ({params:,} parameters); batch 1, fp32, training mode. Tensor peak: torch.profiler "
-        "allocation events above what was live before the call. RSS growth: peak resident size of the process "
-        "during the call minus its size before it. Each point in a fresh process.",
+        (f"Model: minGRU, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, expansion "
+         f"{MODEL['expansion_factor']:g}, conv {MODEL['conv_kernel']}, MLP {MODEL['intermediate_size']}, vocab "
+         f"{MODEL['vocab_size']} ({params:,} parameters); batch 1, fp32, training mode. Tensor peak: torch.profiler "
+         "allocation events above what was live before the call. RSS growth: peak resident size of the process "
+         "during the call minus its size before it. Each point in a fresh process."),
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
-        f"threads, torch {torch.__version__}; shared with other jobs, so times are rough (compare within the run).",
+        (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
+         f"threads, torch {torch.__version__}; other jobs running, so times are rough (compare within the run)."),
         "",
         "Command: `" + " ".join(["python benchmarks/long_sequence_memory.py", *sys.argv[1:]]) + "`",
         "",

@@ -26,17 +26,14 @@ in seconds (the test).
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
     parser.add_argument("--assistant-tokens", type=int, default=5, help="draft candidates per round")
     parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and method; the fastest is kept")
-    parser.add_argument("--threads", type=int, default=1, help="1 is steadier on a shared machine")
+    parser.add_argument("--threads", type=int, default=1, help="1 is steadier on a busy machine")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--smoke", action="store_true", help="random tiny models, 2 prompts, seconds")
     return parser.parse_args(argv)
@@ -71,7 +68,7 @@ class ForwardCounter:
 def passages(args):
     """(prompt, the passage's rest) pairs from held-out text (the pretraining script's validation split: the last
     10% of the corpus's characters), each passage starting at the beginning of a line."""
-    from text_data import default_corpus, split_by_characters
+    from minrnn_training.data import default_corpus, split_by_characters
 
     _, validation = split_by_characters(default_corpus(), 0.1)
     text = "\n".join(validation)
@@ -144,7 +141,7 @@ def main(argv=None):
         run(target, prompts[0], counter, **common, **methods["greedy"])  # warm-up
         for ids, continuation in zip(prompts, continuations):
             greedy, fastest = None, {}
-            # Methods interleaved and each prompt's fastest run kept: a load spike on the shared machine then
+            # Methods interleaved and each prompt's fastest run kept: a load spike from other jobs then
             # slows one run, not one method.
             for _ in range(args.repeats):
                 for name, kwargs in methods.items():
@@ -196,7 +193,7 @@ def main(argv=None):
         f"{description}; target {params['target'] / 1e6:.2f}M parameters, draft {params['draft'] / 1e6:.2f}M; "
         f"{len(prompts)} prompts (mean {result['mean_prompt_tokens']:.0f} tokens: a held-out passage, a blank line "
         f"and its start again), {args.new_tokens} new tokens each, batch 1 ({result['machine']}; per prompt and "
-        f"method the fastest of {args.repeats + 1} interleaved runs, on a machine shared with other jobs). "
+        f"method the fastest of {args.repeats + 1} interleaved runs, on a machine running other jobs). "
         f"Every method's output equals greedy's token for token: **{exact}**."
         + f" The draft alone decodes {draft_speed:.1f} tokens/s (greedy, same prompts)."
         + (f" Greedy re-writes the passage correctly for {result['greedy_copied_chars']:.0f} characters on average "

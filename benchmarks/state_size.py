@@ -13,25 +13,22 @@ Writes `state_size.md` and `.json` under `--out`.
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config
 
+from modeling_minrnn import MinRNNCache, MinRNNConfig, MinRNNForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from modeling_minrnn import MinRNNCache, MinRNNConfig, MinRNNForCausalLM  # noqa: E402
-
 
 # (name, MinRNNConfig overrides, prompt lengths): the speculative-decoding target, and GPT-2 small's width and
 # depth with the default expansion (MLP off: it holds no state, and this way 100k tokens prefill in a minute on CPU).
 SHAPES = [
-    ("benchmark target (192 x 4)", dict(hidden_size=192, num_hidden_layers=4, intermediate_size=768), (1_000, 100_000)),
-    ("GPT-2 small shape (768 x 12)", dict(hidden_size=768, num_hidden_layers=12, intermediate_size=0),
+    ("benchmark target (192 x 4)", {"hidden_size": 192, "num_hidden_layers": 4, "intermediate_size": 768},
+     (1_000, 100_000)),
+    ("GPT-2 small shape (768 x 12)", {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 0},
      (1_000, 100_000)),
 ]
 
@@ -64,8 +61,8 @@ def main(argv=None):
     lines = [
         "# Saved prompt state vs a GPT-2 KV cache of the same width and depth",
         "",
-        "State file: measured bytes of `MinRNNCache.save` (every layer's fp32 `h`, conv window, metadata), batch 1. "
-        "GPT-2 KV cache: computed, `2 x n_layer x tokens x n_embd x 4` bytes (fp32; half in fp16).",
+        ("State file: measured bytes of `MinRNNCache.save` (every layer's fp32 `h`, conv window, metadata), batch 1. "
+         "GPT-2 KV cache: computed, `2 x n_layer x tokens x n_embd x 4` bytes (fp32; half in fp16)."),
         "",
         "| model | prompt tokens | state file | GPT-2 KV cache (fp32) | ratio |",
         "| --- | --- | --- | --- | --- |",

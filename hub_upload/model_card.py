@@ -44,7 +44,7 @@ CELL_NAMES = {cell_type: cell.name for cell_type, cell in CELLS.items()}
 _HUB_DATASET_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*|[A-Za-z0-9][\w-]*)$")
 # Local files as the pretraining script takes them (a path, a glob or a comma list) end in a data file suffix.
 _DATA_FILE_SUFFIX = re.compile(r"\.(txt|text|jsonl|json|parquet|csv|arrow)(\.(gz|bz2|xz|zst))?$", re.IGNORECASE)
-# Corpora that ship inside Python rather than on the Hub (scripts/text_data.py's DEFAULT_CORPUS).
+# Corpora that ship inside Python rather than on the Hub (`minrnn_training.data.DEFAULT_CORPUS`).
 EMBEDDED_CORPORA = {
     "pydoc_data.topics": "CPython's documentation topics (`pydoc_data.topics`, ~465k characters shipped with every "
                          "Python; the pretraining script's embedded default corpus)",

@@ -11,6 +11,7 @@ operations (`batch_repeat_interleave`, `batch_select_indices`) and whose cache a
 import hashlib
 import json
 import os
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin, LinearAttentionLayer
@@ -94,19 +95,14 @@ class MinRNNCache(DynamicCache):
         Cache.__init__(self, layers=layers, offloading=offloading)
 
     @classmethod
-    def from_states(
-        cls, states: list[torch.Tensor], conv_windows: list[torch.Tensor] | None = None, seen_tokens: int = 0
-    ) -> "MinRNNCache":
-        """A cache holding each block's state `h` `(batch, recurrent)` and, for a model with a conv, its window of the
-        last `conv_kernel` inputs `(batch, hidden, conv_kernel)` (None without a conv): the one snapshot type for
-        state files, carried-state training and chunked backward. `seen_tokens` is what `get_seq_length()` reports."""
-        if conv_windows is not None and len(conv_windows) != len(states):
-            raise ValueError(f"`from_states` got {len(states)} states but {len(conv_windows)} conv windows.")
+    def from_layer_states(cls, states: list["LayerState"], seen_tokens: int = 0) -> "MinRNNCache":
+        """A cache holding one `LayerState` per block (what `layer_states` returns); `seen_tokens` is what
+        `get_seq_length()` then reports."""
         cache = cls.__new__(cls)
         Cache.__init__(cache, layers=[MinRNNCacheLayer() for _ in states])
-        for i, (layer, h) in enumerate(zip(cache.layers, states)):
-            window = conv_windows[i] if conv_windows is not None else h.new_zeros(h.shape[0], 0, 1)
-            register_tokens(cache, i, window, window.shape[-1] if conv_windows is not None else 0)
+        for i, (layer, (h, conv)) in enumerate(zip(cache.layers, states)):
+            window = conv if conv is not None else h.new_zeros(h.shape[0], 0, 1)
+            register_tokens(cache, i, window, 0 if conv is None else conv.shape[-1])
             layer.update_recurrent_state(h)
             layer.cumulative_length_linear.fill_(seen_tokens)
         return cache
@@ -114,8 +110,7 @@ class MinRNNCache(DynamicCache):
     @classmethod
     def from_cache(cls, cache: Cache) -> "MinRNNCache":
         """The state of any cache a model has run through (e.g. the plain `DynamicCache` `generate()` returns)."""
-        states, windows = cache_states(cache)
-        return cls.from_states(states, windows, int(cache.get_seq_length()))
+        return cls.from_layer_states(layer_states(cache), int(cache.get_seq_length()))
 
     @classmethod
     def concatenate(cls, caches: list[Cache]) -> "MinRNNCache":
@@ -124,12 +119,14 @@ class MinRNNCache(DynamicCache):
         The token count is the longest one's, as if the shorter prompts were left-padded."""
         if not caches:
             raise ValueError("`MinRNNCache.concatenate` takes a non-empty list of caches.")
-        parts = [cache_states(cache) for cache in caches]
-        if len({len(states) for states, _ in parts}) != 1 or len({windows is None for _, windows in parts}) != 1:
+        parts = [layer_states(cache) for cache in caches]
+        if len({len(p) for p in parts}) != 1 or len({p[0].conv is None for p in parts}) != 1:
             raise ValueError("`MinRNNCache.concatenate` takes caches of one model (same layers, same conv).")
-        states = [torch.cat(layer) for layer in zip(*(p[0] for p in parts))]
-        windows = None if parts[0][1] is None else [torch.cat(layer) for layer in zip(*(p[1] for p in parts))]
-        return cls.from_states(states, windows, max(int(c.get_seq_length()) for c in caches))
+        states = [
+            LayerState(torch.cat([s.h for s in layer]), None if layer[0].conv is None else torch.cat([s.conv for s in layer]))
+            for layer in zip(*parts)
+        ]
+        return cls.from_layer_states(states, max(int(c.get_seq_length()) for c in caches))
 
     def save(self, path: str | os.PathLike, model) -> None:
         """Write every block's state and conv window to a safetensors file, with what identifies `model`."""
@@ -162,14 +159,26 @@ class MinRNNCache(DynamicCache):
         if any(f"layers.{i}.h" not in tensors or (config.conv_kernel > 0) != (f"layers.{i}.conv" in tensors)
                for i in layers):
             raise ValueError(f"{path} lacks the state of a layer: the file is incomplete.")
-        states = [tensors[f"layers.{i}.h"].to(model.device) for i in layers]
-        windows = [tensors[f"layers.{i}.conv"].to(model.device) for i in layers] if config.conv_kernel else None
-        return cls.from_states(states, windows, int(metadata["seen_tokens"]))
+        states = [
+            LayerState(tensors[f"layers.{i}.h"].to(model.device),
+                       tensors[f"layers.{i}.conv"].to(model.device) if config.conv_kernel else None)
+            for i in layers
+        ]
+        return cls.from_layer_states(states, int(metadata["seen_tokens"]))
 
 
-def cache_states(cache: Cache) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Each block's state `h` `(batch, recurrent)` and conv window `(batch, hidden, conv_kernel)` (None for a model
-    without a conv), from any cache a model has run through (a `DynamicCache(config=...)` or a `MinRNNCache`)."""
+class LayerState(NamedTuple):
+    """One block's whole past: its state `h` `(batch, recurrent)` and its conv window of the last `conv_kernel`
+    inputs `(batch, hidden, conv_kernel)` (None without a conv). The one snapshot type: state files, carried-state
+    training and chunked backward read and write it."""
+
+    h: torch.Tensor
+    conv: torch.Tensor | None
+
+
+def layer_states(cache: Cache) -> list[LayerState]:
+    """Every block's `LayerState` in any cache a model has run through (a `DynamicCache(config=...)` or a
+    `MinRNNCache`), as views: the cache overwrites them in place on its next forward."""
     layers = getattr(cache, "layers", [])
     if not layers or not all(
         isinstance(layer, LinearAttentionCacheLayerMixin) and layer.has_previous_state[0] for layer in layers
@@ -177,24 +186,27 @@ def cache_states(cache: Cache) -> tuple[list[torch.Tensor], list[torch.Tensor] |
         raise ValueError(
             "The cache holds no state for some block: run the prompt through it first (`model(ids, cache=cache)`)."
         )
-    states = [layer.recurrent_states[0] for layer in layers]
-    if layers[0].conv_states[0].shape[1] == 0:  # the zero-channel window of a model without a conv
-        return states, None
-    windows = []
+    states = []
     for layer in layers:
-        kernel = layer.conv_kernel_size[0]
-        window = layer.conv_states[0][..., -kernel:]  # while past recording is on, older inputs come before it
-        windows.append(torch.nn.functional.pad(window, (kernel - window.shape[-1], 0)))
-    return states, windows
+        window, kernel = layer.conv_states[0], layer.conv_kernel_size[0]
+        if window.shape[1] == 0:  # the zero-channel window of a model without a conv
+            window = None
+        else:  # while past recording is on, older inputs come before the window
+            window = window[..., -kernel:]
+            window = torch.nn.functional.pad(window, (kernel - window.shape[-1], 0))
+        states.append(LayerState(layer.recurrent_states[0], window))
+    return states
 
 
 def save_state(cache: Cache, path: str | os.PathLike, model) -> None:
     """Write `cache`'s state (any cache of `model`) to a safetensors file, with what identifies `model`."""
     from safetensors.torch import save_file
 
-    states, windows = cache_states(cache)
-    tensors = {f"layers.{i}.h": h.contiguous() for i, h in enumerate(states)}
-    tensors.update({f"layers.{i}.conv": w.contiguous() for i, w in enumerate(windows or [])})
+    tensors = {}
+    for i, (h, conv) in enumerate(layer_states(cache)):
+        tensors[f"layers.{i}.h"] = h.contiguous()
+        if conv is not None:
+            tensors[f"layers.{i}.conv"] = conv.contiguous()
     metadata = {"format": STATE_FORMAT, "version": STATE_FORMAT_VERSION, **model_identity(model)}
     metadata["seen_tokens"] = f"{int(cache.get_seq_length()):020d}"  # fixed width: the file's size never varies
     save_file(tensors, os.fspath(path), metadata=metadata)
@@ -222,4 +234,4 @@ def weights_fingerprint(model, samples_per_tensor: int = 1024) -> str:
     return digest.hexdigest()[:32]
 
 
-__all__ = ["MinRNNCache", "MinRNNCacheLayer", "cache_states", "save_state"]
+__all__ = ["LayerState", "MinRNNCache", "MinRNNCacheLayer", "layer_states", "save_state"]

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.utils import ModelOutput
 
-from .cache_minrnn import cache_states
-
+from .cache_minrnn import LayerState, layer_states
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
 
@@ -70,12 +69,6 @@ class _GraphStateLayer(LinearAttentionLayer):
         self.recurrent_states[state_idx] = recurrent_states
         self.is_recurrent_states_initialized[state_idx] = True
         return recurrent_states
-
-
-def _snapshot(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Copies of every layer's `(h, conv window)`: the cache overwrites its tensors in place on the next chunk."""
-    states, windows = cache_states(cache)
-    return [(h.clone(), None if windows is None else windows[i].clone()) for i, h in enumerate(states)]
 
 
 def _rng_state(device: torch.device):
@@ -156,7 +149,9 @@ def chunked_backward(
             cache = run(start, cache, logits_to_keep=1).cache
             if cache is None:
                 raise ValueError("The model returned no cache with `use_cache=True`; its state cannot be carried.")
-            entering.append(_snapshot(cache))
+            # Copies: the cache overwrites its state in place on the next chunk.
+            entering.append([LayerState(h.clone(), None if conv is None else conv.clone())
+                             for h, conv in layer_states(cache)])
     num_layers = len(entering.pop())  # the state after the last chunk feeds nothing
     del cache
 

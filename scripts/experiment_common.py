@@ -1,77 +1,19 @@
 """Pieces shared by the paper-reproduction scripts (`selective_copying.py`, `shakespeare_compare.py`).
 
-Settings: a dataclass of defaults, overridden by a YAML file (`--config`) and then by `--key value` options.
+Settings: a dataclass of defaults, overridden by a YAML file (`--config`) and then by `--key value` options, read by
+the pretraining script's parser (`minrnn_training.config.parse_settings`); the learning-rate schedule and the
+weight-decay policy are the pretraining script's too (`minrnn_training.schedule`).
 Results: a markdown table printed and written to `results.md`, per-model curves in `history.json`, and a PNG
 with one line per model against steps and against wall-clock.
 """
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import textwrap
-import typing
 from pathlib import Path
 
-SCRIPTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS_DIR.parent
-# The package imports from a checkout too, before (or without) `pip install -e .`.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(1, str(REPO_ROOT))
-
-
-def _parser_type(annotation):
-    """An argparse `type` for a dataclass field: `int`, `float`, `str`, `bool`, `X | None`, or `list[X]` (a,b,c)."""
-    optional = type(None) in typing.get_args(annotation)
-    base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
-    if typing.get_origin(base) is list:
-        item = typing.get_args(base)[0]
-        return lambda text: [item(part) for part in text.split(",") if part]
-    if base is bool:
-        def to_bool(text):
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        return to_bool
-
-    def convert(text):
-        if optional and text.lower() in ("none", "null"):
-            return None
-        # `int("1e5")` fails; go through float for integers written in scientific notation.
-        return int(float(text)) if base is int else base(text)
-    return convert
-
-
-def parse_settings(settings_cls, argv: list[str] | None, description: str):
-    """`settings_cls` filled from its defaults, then `--config FILE` (YAML), then `--key value` options.
-
-    Unknown keys in the YAML file or on the command line are errors that list the valid keys.
-    """
-    fields = {f.name: f for f in dataclasses.fields(settings_cls)}
-    hints = typing.get_type_hints(settings_cls)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of settings (keys as below, with underscores)")
-    for name in fields:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_parser_type(hints[name]), default=None)
-    args = parser.parse_args(argv)
-
-    values = {}
-    if args.config is not None:
-        import yaml
-
-        with open(args.config) as handle:
-            recipe = yaml.safe_load(handle) or {}
-        unknown = sorted(set(recipe) - set(fields))
-        if unknown:
-            raise SystemExit(f"{args.config}: unknown setting(s) {unknown}; valid settings: {sorted(fields)}")
-        values.update(recipe)
-    values.update({name: value for name, value in vars(args).items() if name in fields and value is not None})
-    settings = settings_cls(**values)
-    settings.validate()
-    return settings
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def setup_torch(num_threads: int, device: str):

@@ -20,16 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiment_common import (
-    REPO_ROOT,
-    device_name,
-    markdown_table,
-    parse_settings,
-    plot_curves,
-    setup_torch,
-    write_results,
-)
-from pretrain import lr_at
+from experiment_common import REPO_ROOT, device_name, markdown_table, plot_curves, setup_torch, write_results
+
+from minrnn_training.config import parse_settings
+from minrnn_training.schedule import decay_groups, lr_at, set_lr
 
 VOCAB_SIZE = 16
 EMPTY = VOCAB_SIZE - 1  # fills the sequence around the data tokens
@@ -140,13 +134,14 @@ def build_model(cell: str, depth: int, settings: Settings):
 
 
 def make_optimizer(model, settings: Settings):
-    """AdamW; as in the paper's code, the cell's gate projection (`to_hidden_and_gate` there) is not decayed."""
+    """AdamW under the project's weight-decay policy (`minrnn_training.schedule.decay_groups`).
+
+    The paper's code decays everything but the cell's gate projection (`to_hidden_and_gate` there); here the
+    policy of every other script of the project holds: matrices and embeddings, not biases and norms.
+    """
     import torch
 
-    no_decay = [p for n, p in model.named_parameters() if "mixer.in_proj" in n]
-    decay = [p for n, p in model.named_parameters() if "mixer.in_proj" not in n]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr)
+    return torch.optim.AdamW(decay_groups(model, settings.weight_decay), lr=settings.lr)
 
 
 def loss_and_accuracy(model, inputs, targets):
@@ -199,8 +194,8 @@ def train_one(name: str, settings: Settings, device, val_set, test_set) -> dict:
     best_accuracy, best_state, best_step = -1.0, None, 0
     for step in range(1, settings.max_steps + 1):
         if settings.min_lr is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step - 1, settings)
+            set_lr(optimizer, lr_at(step - 1, lr=settings.lr, min_lr=settings.min_lr,
+                                    warmup_steps=settings.warmup_steps, max_steps=settings.max_steps))
         inputs, targets = sample_selective_copying(
             settings.batch_size, settings.seq_len, settings.num_memorize, generator
         )

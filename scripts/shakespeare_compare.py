@@ -39,25 +39,17 @@ token), parameters, training tokens, training time and tokens/s. Each finished r
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from experiment_common import (
-    REPO_ROOT,
-    device_name,
-    markdown_table,
-    parse_settings,
-    plot_curves,
-    setup_torch,
-    write_results,
-)
-from pretrain import lr_at
+from experiment_common import REPO_ROOT, device_name, markdown_table, plot_curves, setup_torch, write_results
 
-# Where `python scripts/download_tinyshakespeare.py` puts the corpus; the project's own CI keeps a copy beside the
-# checkout instead, used when the downloaded one is absent.
+from minrnn_training.config import parse_settings
+from minrnn_training.schedule import decay_groups, lr_at, set_lr
+
+# Where `python scripts/download_tinyshakespeare.py` puts the corpus.
 DEFAULT_DATA = REPO_ROOT / "data" / "tinyshakespeare.txt"
-CI_DATA = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 MODEL_KINDS = ("mingru", "minlstm", "llama", "gpt2", "community-mingru", "mamba")
 BUDGETS = ("grid", "steps", "time")
 TOKENIZERS = ("char", "bpe")
@@ -72,7 +64,7 @@ MISSING_COMMUNITY = ("community-mingru: skipped, the minGRU-pytorch package is n
 class Settings:
     """Every setting of the comparison; YAML (`--config`) and `--key value` options override these."""
 
-    data: str | None = None  # None: ../shared/data/tinyshakespeare.txt beside the repository; "embedded": pydoc
+    data: str | None = None  # None: data/tinyshakespeare.txt (scripts/download_tinyshakespeare.py); "embedded": pydoc
     tokenizer: str = "char"  # char: one token per character; bpe: byte-level BPE trained on the training split
     bpe_vocab_size: int = 1024
     val_fraction: float = 0.1  # of the text before the test split (the last 10%)
@@ -175,8 +167,8 @@ def load_bpe(documents: list[str], name: str, vocab_size: int, val_fraction: flo
     """Byte-level BPE data: the tokenizer is trained on the training split only; EOS after every document."""
     import torch
 
-    from text_data import split_by_characters, tokenize_documents
-    from train_tokenizer import train_bpe_tokenizer
+    from minrnn_training.data import split_by_characters, tokenize_documents
+    from minrnn_training.tokenizer import train_bpe_tokenizer
 
     rest, test = split_by_characters(documents, 0.1)
     train, validation = split_by_characters(rest, val_fraction)
@@ -192,11 +184,11 @@ def load_bpe(documents: list[str], name: str, vocab_size: int, val_fraction: flo
 
 def load_data(settings: Settings) -> TokenData:
     if settings.data == "embedded":
-        from text_data import DEFAULT_CORPUS, default_corpus
+        from minrnn_training.data import DEFAULT_CORPUS, default_corpus
 
         documents, name = default_corpus(), DEFAULT_CORPUS
     else:
-        path = Path(settings.data) if settings.data else DEFAULT_DATA if DEFAULT_DATA.is_file() or not CI_DATA.is_file() else CI_DATA
+        path = Path(settings.data) if settings.data else DEFAULT_DATA
         if settings.tokenizer == "char":
             return load_chars(path, settings.val_fraction)
         if not path.is_file():
@@ -333,15 +325,10 @@ def matched_shapes(settings: Settings, vocab_size: int) -> dict:
 
 
 def make_optimizer(model, settings: Settings, lr: float):
-    """AdamW as nanoGPT: weight decay on matrices and embeddings, none on biases and norms."""
+    """AdamW under the project's weight-decay policy (`minrnn_training.schedule.decay_groups`)."""
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, settings.beta2))
+    return torch.optim.AdamW(decay_groups(model, settings.weight_decay), lr=lr, betas=(0.9, settings.beta2))
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -389,7 +376,8 @@ def train_one(run: Run, shape: dict, settings: Settings, data: TokenData) -> dic
     model = build_model(run.kind, settings, data.vocab_size, **shape).to(device).train()
     optimizer = make_optimizer(model, settings, run.lr)
     # The same schedule shape at every rate: warmup to `run.lr`, cosine to `min_lr` scaled as `run.lr / lr`.
-    schedule = replace(settings, lr=run.lr, min_lr=settings.min_lr * run.lr / settings.lr)
+    schedule = {"lr": run.lr, "min_lr": settings.min_lr * run.lr / settings.lr,
+                "warmup_steps": settings.warmup_steps, "max_steps": settings.max_steps}
     generator = torch.Generator().manual_seed(settings.seed)
     eval_generator = torch.Generator().manual_seed(settings.seed + 1)
     eval_set = [random_windows(data.validation, settings.batch_size, settings.context, eval_generator)
@@ -402,9 +390,8 @@ def train_one(run: Run, shape: dict, settings: Settings, data: TokenData) -> dic
     history, step, train_time, loss_sum = [], 0, 0.0, 0.0
     while progress(step, train_time) < 1.0:
         # The schedule is a function of the budget's progress: steps, or seconds of training.
-        lr = lr_at(progress(step, train_time) * settings.max_steps, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_at(progress(step, train_time) * settings.max_steps, **schedule)
+        set_lr(optimizer, lr)
         inputs, targets = random_windows(data.train, settings.batch_size, settings.context, generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

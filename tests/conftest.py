@@ -1,16 +1,25 @@
 import os
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-
-# Tests run the package from this checkout whether or not it is installed.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# The packages of this checkout come first on the path whether or not it is installed: pyproject's pytest
+# `pythonpath` (with scripts/, for the scripts' own tests).
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tinyshakespeare() -> Path:
+    """tinyshakespeare.txt: `$TINYSHAKESPEARE`, or where `scripts/download_tinyshakespeare.py` puts it
+    (data/tinyshakespeare.txt); the test is skipped without it."""
+    path = Path(os.environ.get("TINYSHAKESPEARE", ROOT / "data" / "tinyshakespeare.txt"))
+    if not path.is_file():
+        pytest.skip(f"needs tinyshakespeare.txt at {path} (python scripts/download_tinyshakespeare.py, or set "
+                    "TINYSHAKESPEARE)")
+    return path
 
 
 def reference_scan(log_a, log_b, initial_state=None, reset=None):
@@ -35,20 +44,20 @@ def tiny_config(**overrides):
     """A model small enough for exhaustive checks; a wide init so that greedy outputs vary from token to token."""
     from modeling_minrnn import MinRNNConfig
 
-    values = dict(
-        vocab_size=48,
-        hidden_size=32,
-        num_hidden_layers=2,
-        expansion_factor=1.5,
-        conv_kernel=4,
-        intermediate_size=64,
-        initializer_range=0.4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    values = {
+        "vocab_size": 48,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "expansion_factor": 1.5,
+        "conv_kernel": 4,
+        "intermediate_size": 64,
+        "initializer_range": 0.4,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         # Untied: a random tied model's greedy choice is mostly the input token itself, which tests nothing.
-        tie_word_embeddings=False,
-    )
+        "tie_word_embeddings": False,
+    }
     values.update(overrides)
     return MinRNNConfig(**values)
 
@@ -63,7 +72,7 @@ def tiny_model(seed=0, **overrides):
 @pytest.fixture
 def char_tokenizer():
     """A character-level `PreTrainedTokenizerFast` over printable ASCII, built offline with `tokenizers`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]

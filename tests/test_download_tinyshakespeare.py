@@ -3,17 +3,10 @@
 import functools
 import http.server
 import socket
-import sys
 import threading
-from pathlib import Path
 
+import download_tinyshakespeare as download
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_COPY = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-sys.path.insert(0, str(REPO / "scripts"))
-
-import download_tinyshakespeare as download  # noqa: E402
 
 
 @pytest.fixture
@@ -30,13 +23,12 @@ def server(tmp_path):
     httpd.shutdown()
 
 
-@pytest.mark.skipif(not SHARED_COPY.is_file(), reason="needs a copy of the corpus to serve")
-def test_downloads_and_checks_the_corpus(tmp_path, server, capsys):
+def test_downloads_and_checks_the_corpus(tmp_path, server, capsys, tinyshakespeare):
     base, site = server
-    (site / "input.txt").write_bytes(SHARED_COPY.read_bytes())
+    (site / "input.txt").write_bytes(tinyshakespeare.read_bytes())
     out = tmp_path / "data" / "tinyshakespeare.txt"
     download.main(["--out", str(out), "--url", f"{base}/input.txt"])
-    assert out.read_bytes() == SHARED_COPY.read_bytes()
+    assert out.read_bytes() == tinyshakespeare.read_bytes()
     assert capsys.readouterr().out == f"{out}: tinyshakespeare, 1,115,394 characters\n"
     (site / "input.txt").unlink()  # already there and intact: no download
     assert download.download(out, f"{base}/input.txt") == out

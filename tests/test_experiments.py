@@ -3,17 +3,14 @@ shape of the quality-comparison baselines (Llama, GPT-2, the community minGRU, M
 few-step smoke run of each script end to end (pipeline only, not final accuracy)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import selective_copying as sc  # scripts/ is on the tests' path (pyproject's pytest `pythonpath`)
+import shakespeare_compare as shakespeare
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import selective_copying as sc
-import shakespeare_compare as shakespeare
 
 
 def test_selective_copying_batches_follow_the_specification():

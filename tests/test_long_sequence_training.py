@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model as identity_conv_model
-from modeling_minrnn.long_sequence import _GraphStateLayer
-from test_pretrain import TINY, accelerate_launch, pretrain, run, step_losses
+from pretrain_runs import TINY, TWO_PROCESSES, run, step_losses
 from transformers.cache_utils import Cache
 
+from modeling_minrnn.long_sequence import _GraphStateLayer
 
 BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_sequence_memory.py"
 
@@ -152,14 +151,14 @@ def test_dropout_many_chunks_equal_one_graph_over_all_chunks():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(chunk_size=0), "`chunk_size` must be an int >= 1"),
-    (dict(chunk_size=2.5), "`chunk_size` must be an int >= 1"),
-    (dict(input_ids=torch.tensor([3, 4, 5])), "`input_ids` must be a tensor of shape (batch, seq) with seq >= 2"),
-    (dict(input_ids=torch.tensor([[3]])), "`input_ids` must be a tensor of shape (batch, seq) with seq >= 2"),
-    (dict(labels=torch.ones(2, 5, dtype=torch.long)), "`labels` must have the shape of `input_ids` (2, 8); got (2, 5)"),
-    (dict(attention_mask=torch.ones(1, 8)), "`attention_mask` must have the shape of `input_ids` (2, 8)"),
-    (dict(labels=torch.full((2, 8), -100)), "Every target in `labels` is -100"),
-    (dict(num_items_in_batch=0), "`num_items_in_batch` must be > 0"),
+    ({"chunk_size": 0}, "`chunk_size` must be an int >= 1"),
+    ({"chunk_size": 2.5}, "`chunk_size` must be an int >= 1"),
+    ({"input_ids": torch.tensor([3, 4, 5])}, "`input_ids` must be a tensor of shape (batch, seq) with seq >= 2"),
+    ({"input_ids": torch.tensor([[3]])}, "`input_ids` must be a tensor of shape (batch, seq) with seq >= 2"),
+    ({"labels": torch.ones(2, 5, dtype=torch.long)}, "`labels` must have the shape of `input_ids` (2, 8); got (2, 5)"),
+    ({"attention_mask": torch.ones(1, 8)}, "`attention_mask` must have the shape of `input_ids` (2, 8)"),
+    ({"labels": torch.full((2, 8), -100)}, "Every target in `labels` is -100"),
+    ({"num_items_in_batch": 0}, "`num_items_in_batch` must be > 0"),
 ])
 def test_bad_input_is_refused_in_one_line(kwargs, message):
     model = tiny_model()
@@ -194,14 +193,14 @@ def test_benchmark_peak_memory_is_flat_in_length(tmp_path):
 # ------------------------------------------------------------------------------------------------ scripts/pretrain.py
 
 
+@pytest.mark.slow
 def test_pretrain_backprop_chunk_size_trains_the_same_model(tmp_path):
     """`--backprop-chunk-size` (chunks of 7 tokens in blocks of 32) on 2 DDP processes with gradient accumulation
     follows the trajectory of full backprop on one process: same losses step by step, same final eval loss."""
     common = [*TINY, "--max-steps", "4", "--eval-every", "4", "--save-every", "4", "--gradient-accumulation-steps", "2"]
     run([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "full")])
     run([*common, "--batch-size", "2", "--backprop-chunk-size", "7", "--output-dir", str(tmp_path / "chunked")],
-        launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"))
+        launcher=TWO_PROCESSES)
     full, chunked = step_losses(tmp_path / "full"), step_losses(tmp_path / "chunked")
     assert sorted(full) == sorted(chunked) == [1, 2, 3, 4]
     for step in full:
@@ -209,9 +208,3 @@ def test_pretrain_backprop_chunk_size_trains_the_same_model(tmp_path):
     summaries = [json.loads((tmp_path / name / "training_summary.json").read_text()) for name in ("full", "chunked")]
     assert summaries[1]["final_eval_loss"] == pytest.approx(summaries[0]["final_eval_loss"], rel=1e-4)
     assert summaries[1]["config"]["backprop_chunk_size"] == 7
-
-
-def test_pretrain_backprop_chunk_size_must_be_positive():
-    with pytest.raises(pretrain.ConfigError, match=r"^backprop_chunk_size=0 must be >= 1 \(or none: no chunking\)$"):
-        pretrain.parse_args(["--backprop-chunk-size", "0"])
-    assert pretrain.parse_args(["--backprop-chunk-size", "none"])[0].backprop_chunk_size is None

@@ -1,14 +1,10 @@
-"""scripts/train_tokenizer.py: byte-level BPE and character-level tokenizers that AutoTokenizer loads."""
-
-import sys
-from pathlib import Path
+"""minrnn_training.tokenizer (`scripts/train_tokenizer.py`): byte-level BPE and character-level tokenizers that
+AutoTokenizer loads, with a chat template that chat tools accept."""
 
 import pytest
+from conftest import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import train_tokenizer  # noqa: E402
+from minrnn_training import tokenizer as train_tokenizer
 
 SAMPLES = [
     "def f(x):\n\treturn x ** 2  # squared\n",
@@ -76,3 +72,38 @@ def test_bad_data_is_one_line(tmp_path):
 def test_streaming_needs_a_character_budget(tmp_path):
     with pytest.raises(SystemExit, match="--streaming needs --max-chars"):
         train_tokenizer.main(["--dataset", "x.jsonl", "--streaming", "--out", str(tmp_path)])
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Who is there?\n"}]
+
+
+def test_saved_chat_template_serves_chat_tools(tmp_path):
+    """The saved tokenizer renders messages with the default template, and a text-generation pipeline takes a
+    conversation with a tiny model (its reply comes back as the assistant's message)."""
+    from transformers import pipeline
+
+    data = tmp_path / "play.txt"
+    data.write_text("Who is there? Nay, answer me: stand, and unfold yourself.\n" * 20)
+    train_tokenizer.main(["--dataset", str(data), "--char-level", "--out", str(tmp_path / "tok")])
+    tokenizer = load(tmp_path / "tok")
+    assert (tmp_path / "tok" / "chat_template.jinja").is_file()
+    text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert text == "System: Be brief.\n\nUser: Who is there?\n\nAssistant:"
+    assert tokenizer.apply_chat_template(MESSAGES[1:], tokenize=False) == "User: Who is there?\n\n"
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    chat = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    reply = chat(MESSAGES, max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert reply[:2] == MESSAGES and reply[-1]["role"] == "assistant" and len(reply[-1]["content"]) > 0
+
+
+def test_chat_template_given_as_text_or_file(tmp_path):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (tmp_path / "chat.jinja").write_text(template)
+    train_tokenizer.main(["--char-level", "--max-chars", "20000", "--chat-template", str(tmp_path / "chat.jinja"),
+                          "--out", str(tmp_path / "tok")])
+    assert load(tmp_path / "tok").apply_chat_template(MESSAGES[:1], tokenize=False) == "[system] Be brief.\n"
+    assert train_tokenizer.chat_template(template) == template
+    with pytest.raises(SystemExit, match=r"^error: chat_template 'x\{\{': Jinja syntax error at line 1"):
+        train_tokenizer.main(["--chat-template", "x{{", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

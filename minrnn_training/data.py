@@ -1,6 +1,6 @@
-"""Text corpora for tokenizer training and pretraining: loading, splitting, packing.
+"""Text corpora for tokenizer training and pretraining: loading, splitting, packing, serving batches.
 
-One loader serves both scripts (`train_tokenizer.py`, `pretrain.py`):
+One loader serves every script (`train_tokenizer.py`, `pretrain.py`, the experiments and benchmarks):
 
 - no dataset: the embedded default corpus, Python's own documentation topics
   (`pydoc_data.topics`, ~465k characters of English shipped with every CPython), so the
@@ -15,6 +15,11 @@ Streams without a validation split hold out their first `val_documents` document
 
 Packing: documents are tokenised, each followed by EOS, concatenated and cut into
 fixed blocks of `block_size` tokens (labels = inputs; the model shifts them).
+
+Training batches come from one interface, `BatchSource.take(step, micro, shard) -> Batch`, with three sources:
+`PackedBlocks` (an in-memory corpus in shuffled blocks), `StreamedBlocks` (a streamed corpus packed on the fly) and
+`TokenStreams` (contiguous streams for carried-state training). Each process takes its own rows (`Shard`) of the
+same global batch, and each source's `state_dict` is what a checkpoint must hold to continue it exactly.
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ from __future__ import annotations
 import codecs
 import glob
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from .config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    import datasets
 
 DEFAULT_CORPUS = "pydoc_data.topics"
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -41,8 +52,8 @@ class TextSplits:
     """
 
     name: str
-    train: list[str] | "datasets.IterableDataset"
-    validation: list[str] | "datasets.IterableDataset"
+    train: list[str] | datasets.IterableDataset
+    validation: list[str] | datasets.IterableDataset
     streaming: bool
 
 
@@ -73,10 +84,12 @@ def _local_files(spec: str) -> list[str] | None:
         matches = sorted(glob.glob(part)) if any(ch in part for ch in "*?[") else [part]
         if os.path.isdir(part):
             matches = sorted(
-                os.path.join(part, name) for name in os.listdir(part) if os.path.splitext(name)[1].lower() in LOCAL_BUILDERS
+                os.path.join(part, name) for name in os.listdir(part)
+                if os.path.splitext(name)[1].lower() in LOCAL_BUILDERS
             )
         if not matches or not all(os.path.isfile(path) for path in matches):
-            raise FileNotFoundError(f"dataset {spec!r}: {part!r} matches no readable file (found {matches or 'nothing'})")
+            raise FileNotFoundError(
+                f"dataset {spec!r}: {part!r} matches no readable file (found {matches or 'nothing'})")
         files.extend(matches)
     return files
 
@@ -131,7 +144,8 @@ def _builder_for(files: list[str]) -> str:
 def _column(dataset, text_column: str, name: str):
     columns = dataset.column_names
     if columns is not None and text_column not in columns:
-        raise ValueError(f"dataset {name!r} has no text column {text_column!r}; its columns are {columns} (use --text-column)")
+        raise ValueError(
+            f"dataset {name!r} has no text column {text_column!r}; its columns are {columns} (use --text-column)")
     if columns is not None and columns != [text_column]:
         dataset = dataset.select_columns([text_column])
     return dataset.rename_column(text_column, "text") if text_column != "text" else dataset
@@ -247,6 +261,39 @@ def tokenize_documents(texts: list[str], tokenizer, eos_token_id: int) -> np.nda
     return stream
 
 
+@dataclass
+class Batch:
+    """Training rows: `inputs` int64 `(rows, block_size)`; `targets` the same shape, or None where the inputs are
+    their own labels (the model shifts them); `fresh`: the rows start their streams (no state to carry in)."""
+
+    inputs: np.ndarray
+    targets: np.ndarray | None = None
+    fresh: bool = True
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which rows of a step's global batch this process trains: `batch_size` rows at each of `accumulation`
+    micro-steps, rank `rank` of `world_size` processes. The global batch's layout does not depend on the split."""
+
+    batch_size: int
+    accumulation: int = 1
+    rank: int = 0
+    world_size: int = 1
+
+
+class BatchSource(Protocol):
+    """Where a training run's batches come from."""
+
+    def take(self, step: int, micro: int, shard: Shard) -> Batch:
+        """This process's rows of micro-step `micro` of optimizer step `step`."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to continue exactly (empty where batches are a pure function of the step)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class PackedBlocks:
     """Training blocks cut from an in-memory token stream, a fresh order every epoch.
 
@@ -285,6 +332,63 @@ class PackedBlocks:
             start = offset + int(order[position % self.blocks_per_epoch]) * self.block_size
             rows.append(self.tokens[start : start + self.block_size])
         return np.stack(rows)
+
+    def take(self, step: int, micro: int, shard: Shard) -> Batch:
+        index = step * shard.accumulation + micro
+        return Batch(self.batch(index, shard.batch_size, shard.rank, shard.world_size))
+
+    def state_dict(self) -> dict:
+        return {}  # a pure function of the step
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class TokenStreams:
+    """`tokens` `(n,)` cut into `num_streams` contiguous parts of `n // num_streams` tokens (the rest unused).
+
+    Block `i` of stream `s` holds inputs `tokens[start : start + block_size]` and targets one token later, with
+    `start = s * part + (i % blocks_per_epoch) * block_size`: consecutive blocks continue each other, and every
+    token of a part is predicted once per epoch. Epoch `e = i // blocks_per_epoch` starts the parts over.
+    """
+
+    def __init__(self, tokens: np.ndarray, num_streams: int, block_size: int):
+        self.tokens = tokens
+        self.num_streams = num_streams
+        self.block_size = block_size
+        self.part = len(tokens) // num_streams
+        # One extra token: the last block's last target.
+        self.blocks_per_epoch = (self.part - 1) // block_size
+        if self.blocks_per_epoch < 1:
+            raise ValueError(
+                f"carried state: {len(tokens)} training tokens cut into {num_streams} streams (batch_size x "
+                f"processes x gradient_accumulation_steps) leave {self.part} tokens per stream, fewer than "
+                f"block_size + 1 = {block_size + 1}; use fewer rows, a smaller block_size or more data"
+            )
+
+    def starts_epoch(self, index: int) -> bool:
+        """Whether block `index` is the first of an epoch (every stream starts over: no state to carry in)."""
+        return index % self.blocks_per_epoch == 0
+
+    def block(self, index: int, streams: range) -> tuple[np.ndarray, np.ndarray]:
+        """Block `index` of `streams`: `(inputs, targets)`, each int64 `(len(streams), block_size)`."""
+        offset = (index % self.blocks_per_epoch) * self.block_size
+        starts = np.asarray(streams) * self.part + offset
+        window = self.tokens[starts[:, None] + np.arange(self.block_size + 1)]
+        return window[:, :-1], window[:, 1:]
+
+    def take(self, step: int, micro: int, shard: Shard) -> Batch:
+        # One stream per row of the global batch: micro-step m of process p reads streams
+        # [(m * processes + p) * batch_size, ... + batch_size), so the layout is that of one big batch.
+        first = (micro * shard.world_size + shard.rank) * shard.batch_size
+        inputs, targets = self.block(step, range(first, first + shard.batch_size))
+        return Batch(inputs, targets, fresh=self.starts_epoch(step))
+
+    def state_dict(self) -> dict:
+        return {}  # a pure function of the step
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class StreamedBlocks:
@@ -325,6 +429,9 @@ class StreamedBlocks:
         out, self.buffer = self.buffer[:needed], self.buffer[needed:]
         return np.asarray(out, dtype=np.int64).reshape(batch_size, self.block_size)
 
+    def take(self, step: int, micro: int, shard: Shard) -> Batch:
+        return Batch(self.batch(shard.batch_size))  # the stream is already this process's own
+
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "buffer": list(self.buffer)}
 
@@ -352,3 +459,30 @@ def validation_blocks(texts, tokenizer, block_size: int, eos_token_id: int, max_
             "use a smaller block size or more validation data"
         )
     return tokens[: n * block_size].reshape(n, block_size)
+
+
+def training_data(config: TrainConfig, splits: TextSplits, tokenizer, vocab_size: int, shard: Shard):
+    """`(batches, validation blocks, training tokens)` of one process: its `BatchSource`, its own share of the
+    validation blocks (the same count on every process: FSDP forwards are collective) and the corpus size in tokens
+    (None when streamed)."""
+    eos = tokenizer.eos_token_id
+    world, rank = shard.world_size, shard.rank
+    val_per_process = config.eval_batches * config.batch_size
+    val = validation_blocks(splits.validation, tokenizer, config.block_size, eos, val_per_process * world)
+    if len(val) < world:
+        raise ConfigError(f"the validation split gives {len(val)} blocks of {config.block_size} tokens, fewer than "
+                          f"the {world} processes")
+    val = val[rank::world][: len(val) // world]
+    if splits.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = split_dataset_by_node(splits.train, rank=rank, world_size=world)
+        return StreamedBlocks(stream, tokenizer, config.block_size, eos), val, None
+    tokens = tokenize_documents(splits.train, tokenizer, eos)
+    if int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"the tokenizer produced id {int(tokens.max())}, outside the model's vocab_size={vocab_size}")
+    if config.carry_state:
+        source = TokenStreams(tokens, config.batch_size * world * config.gradient_accumulation_steps, config.block_size)
+    else:
+        source = PackedBlocks(tokens, config.block_size, config.seed)
+    return source, val, len(tokens)

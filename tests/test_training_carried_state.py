@@ -1,36 +1,17 @@
-"""scripts/state_streams.py and pretrain's carried state: contiguous streams, the state carried across blocks
-(exactly one long forward), EOS resets (exactly each document alone), and the training runs that use them."""
+"""minrnn_training.carried_state: the state carried across blocks (exactly one long forward), EOS resets
+(exactly each document alone), and the training runs that use it (`--carry-state`)."""
 
-import sys
-from pathlib import Path
+import json
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
+from pretrain_runs import TINY, TWO_PROCESSES, kill_after_first_checkpoint, run, step_losses
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-from state_streams import CarriedState, TokenStreams  # noqa: E402
+from minrnn_training.carried_state import CarriedState
+from minrnn_training.data import default_corpus
 
 EOS = 2
-
-
-def test_streams_are_contiguous_parts_read_in_lockstep():
-    tokens = np.arange(1000)
-    streams = TokenStreams(tokens, num_streams=4, block_size=16)
-    assert streams.part == 250 and streams.blocks_per_epoch == 15  # 15 * 16 + 1 <= 250
-    inputs, targets = streams.block(0, range(4))
-    assert (inputs[:, 0] == [0, 250, 500, 750]).all() and (targets == inputs + 1).all()
-    following, _ = streams.block(1, range(1, 3))
-    assert (following[:, 0] == inputs[1:3, -1] + 1).all()  # block 1 continues block 0, stream by stream
-    assert streams.starts_epoch(0) and not streams.starts_epoch(14) and streams.starts_epoch(15)
-    assert (streams.block(15, range(4))[0] == inputs).all()
-    assert int(streams.block(14, range(4))[1].max()) <= 999
-    with pytest.raises(ValueError, match=r"leave 10 tokens per stream, fewer than block_size \+ 1 = 17"):
-        TokenStreams(np.arange(100), num_streams=10, block_size=16)
 
 
 def _run_blocks(model, stream: torch.Tensor, block: int, reset: str, rows: int = 1, train: bool = False):
@@ -47,7 +28,7 @@ def _run_blocks(model, stream: torch.Tensor, block: int, reset: str, rows: int =
             out.loss.backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         logits.append(out.logits.detach())
-    for tensor in [*carried.h, *(c for c in carried.conv if c is not None)]:
+    for tensor in [tensor for state in carried.states for tensor in state if tensor is not None]:
         assert tensor.grad_fn is None and not tensor.requires_grad  # nothing of a step's graph is carried on
     return torch.cat(logits, dim=1), grads
 
@@ -115,42 +96,33 @@ def test_state_round_trips_and_refuses_another_layout():
 
 # ------------------------------------------------------------------------------------------------ pretrain.py
 
-import json  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-from test_pretrain import SCRIPT, TINY, _env, accelerate_launch, run, step_losses, train_log  # noqa: E402
-
 
 @pytest.fixture
 def small_corpus(tmp_path):
     """60 documents of 100 characters of the embedded corpus (.jsonl): 8 streams of 681 tokens wrap around (a new
     epoch) at step 21 of blocks of 32, and every stream meets an EOS within its first blocks."""
-    from text_data import default_corpus
-
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps({"text": doc[:100]}) + "\n" for doc in default_corpus()[:60]))
     return ["--dataset", str(path), "--char-level", "true", "--carry-state", "true"]
 
 
+@pytest.mark.slow
 def test_carried_state_is_one_layout_across_processes_and_accumulation(tmp_path, small_corpus):
     """2 gloo processes x 1 row x 2 micro-steps == 1 process x 4 rows: each process and micro-step reads its own
     streams with its own carried states, laid out as one big batch, hence the same losses (resets at EOS here)."""
     common = [*TINY, *small_corpus, "--max-steps", "4", "--eval-every", "4", "--save-every", "4"]
     run([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
     run([*common, "--batch-size", "1", "--gradient-accumulation-steps", "2", "--output-dir", str(tmp_path / "two")],
-        launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"))
+        launcher=TWO_PROCESSES)
+    # Which rows each process and micro-step reads: test_training_data.py (one global batch, shared out).
     one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
-    assert all(len(r["batch_crc32"]) == 2 and r["batch_crc32"][0] != r["batch_crc32"][1]
-               for r in train_log(tmp_path / "two") if "loss" in r), "the two processes read the same streams"
     for step in range(1, 5):
         assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
     saved = torch.load(tmp_path / "two" / "checkpoints" / "step-0000004" / "carried_state_rank1.pt")
-    assert saved["next_index"] == 4 and saved["h"][0].shape[0] == 2  # 1 row x 2 micro-steps
+    assert saved["next_index"] == 4 and saved["states"][0][0].shape[0] == 2  # 1 row x 2 micro-steps
 
 
+@pytest.mark.slow
 def test_carried_state_resumes_exactly_after_sigkill(tmp_path, small_corpus):
     """Killed after a checkpoint, `--resume` continues bit for bit: the carried states and stream positions are in
     the checkpoint (with dropout, accumulation, no EOS resets, and an epoch boundary at step 21 where the streams
@@ -162,16 +134,7 @@ def test_carried_state_resumes_exactly_after_sigkill(tmp_path, small_corpus):
     run([*common, "--save-every", "22", "--output-dir", str(reference)])
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *common, "--save-every", "3",
-                                "--output-dir", str(crashed)],
-                               cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import pretrain
-
-    deadline = time.monotonic() + 300
-    while pretrain.latest_checkpoint(str(crashed)) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
+    kill_after_first_checkpoint([*common, "--save-every", "3"], crashed)
 
     resumed = run([*common, "--save-every", "3", "--output-dir", str(crashed), "--resume"])
     assert "carried state over 8 streams of 681 tokens (reset: none)" in resumed.stdout
@@ -181,15 +144,3 @@ def test_carried_state_resumes_exactly_after_sigkill(tmp_path, small_corpus):
     assert [got[s] for s in range(start + 1, 23)] == [expected[s] for s in range(start + 1, 23)]
     final = [json.loads((d / "training_summary.json").read_text())["final_eval_loss"] for d in (reference, crashed)]
     assert final[0] == final[1]
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--state-reset", "doc"], r"--state-reset: invalid choice: 'doc' \(choose from 'eos', 'none'\)"),
-    (["--streaming", "--dataset", "x.txt"], r"carry_state=true needs an in-memory corpus"),
-    (["--backprop-chunk-size", "64"], r"carry_state=true and backprop_chunk_size=64 cannot be combined"),
-])
-def test_carried_state_settings_are_checked(extra, message):
-    import pretrain
-
-    with pytest.raises(pretrain.ConfigError, match=message):
-        pretrain.parse_args(["--carry-state", *extra])

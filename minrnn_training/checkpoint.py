@@ -1,0 +1,211 @@
+"""Checkpoints of a training run, and the rules of its output folder.
+
+`checkpoints/step-0000200/` holds accelerate's `save_state` (model, optimizer, RNG states of every process), each
+process's data position (`data_state_rank{i}.json`) and carried state (`carried_state_rank{i}.pt`), the run's
+`trainer_state.json` (step, tokens seen, settings) and a `save_pretrained` copy of the model (`pretrained/`).
+
+Kept custom, beside accelerate's `save_state` / `load_state`: the atomic write (a temporary folder, fsynced,
+renamed), the manifest of sizes and hashes that `--resume` verifies, and the rotation after the new checkpoint is
+complete. accelerate's `ProjectConfiguration(total_limit=...)` deletes old checkpoints *before* writing the new
+one straight into its final folder, so a crash mid-save can leave no complete checkpoint at all; and its
+`register_for_checkpointing` saves from the main process only, while the data position and the carried state
+differ from process to process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, warn
+
+CHECKPOINT_PREFIX = "step-"
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def checkpoint_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """The complete checkpoints, lowest step first. Incomplete ones lack the marker."""
+    done = [
+        path for path in checkpoint_dir(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+        if (path / COMPLETE_MARKER).is_file() and path.name[len(CHECKPOINT_PREFIX):].isdigit()
+    ]
+    return sorted(done, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def checkpoint_manifest(folder: Path) -> dict:
+    """`{relative path: [size, sha256]}` of every file in a checkpoint, recorded when it is completed."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != COMPLETE_MARKER)
+    return {path.relative_to(folder).as_posix(): [path.stat().st_size, _sha256(path)] for path in files}
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (missing, truncated, changed), or None if intact."""
+    try:
+        recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text()).get("files", {})
+    except (ValueError, OSError) as error:
+        return f"{checkpoint / COMPLETE_MARKER} is unreadable ({error})"
+    for name, (size, _) in recorded.items():  # sizes first: a truncated file is found without reading the rest
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size:,} bytes, {size:,} when saved"
+    for name, (_, digest) in recorded.items():
+        if _sha256(checkpoint / name) != digest:
+            return f"{checkpoint / name} differs from the file saved (sha256)"
+    return None
+
+
+def resumable_checkpoint(output_dir: str) -> Path:
+    """The newest intact checkpoint; each damaged newer one is named in a warning (or, if none is intact, an error)."""
+    candidates = complete_checkpoints(output_dir)
+    if not candidates:
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoint_dir(output_dir)}")
+    damage = []
+    for checkpoint in reversed(candidates):
+        problem = checkpoint_damage(checkpoint)
+        if problem is None:
+            for text in damage:
+                warn(f"damaged checkpoint skipped: {text}; resuming from {checkpoint.name}")
+            return checkpoint
+        damage.append(problem)
+    raise ConfigError(f"--resume: no intact checkpoint in {checkpoint_dir(output_dir)} ({'; '.join(damage)}); "
+                      "start over with --overwrite_output_dir")
+
+
+def _fsync(*paths: Path) -> None:
+    """Flush files (or folders: their entries) to disk, so a rename after it never publishes lost data."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: dict, train_data,
+                    carried=None) -> Path:
+    """Write `checkpoints/step-N` atomically: fill a temporary folder, fsync it, mark it complete, rename it.
+
+    A crash at any point leaves either no `step-N` or a complete one; `--resume` ignores the rest.
+    """
+    root = checkpoint_dir(config.output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    rank = accelerator.process_index
+    (tmp / f"data_state_rank{rank}.json").write_text(json.dumps(train_data.state_dict()))
+    if carried is not None:
+        import torch
+
+        torch.save(carried.state_dict(), tmp / f"carried_state_rank{rank}.pt")
+    export_pretrained(accelerator, model, tokenizer, tmp / "pretrained")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": dataclasses.asdict(config)}, indent=2))
+        _fsync(*sorted(tmp.rglob("*"), reverse=True), tmp)
+        # Sizes and hashes of what was written: --resume skips a checkpoint damaged since (truncated, changed).
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": state["step"], "files": checkpoint_manifest(tmp)}))
+        _fsync(tmp / COMPLETE_MARKER, tmp)
+        if final.exists():  # only after a resume from an older step re-reaches this one; the new copy is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        for old in complete_checkpoints(config.output_dir)[: -config.keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def trainer_state(checkpoint: Path) -> dict:
+    """The `trainer_state.json` of a checkpoint: `step`, `tokens_seen`, `world_size` and the run's `config`."""
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def load_checkpoint(accelerator, checkpoint: Path, train_data, carried=None) -> None:
+    """Restore what `save_checkpoint` wrote: model, optimizer, RNG states, this process's data position and carried
+    state (refused when it does not continue at the checkpoint's step)."""
+    accelerator.load_state(str(checkpoint))
+    rank, step = accelerator.process_index, trainer_state(checkpoint)["step"]
+    data_state = checkpoint / f"data_state_rank{rank}.json"
+    if data_state.is_file():
+        train_data.load_state_dict(json.loads(data_state.read_text()))
+    if carried is not None:
+        import torch
+
+        state_file = checkpoint / f"carried_state_rank{rank}.pt"
+        carried.load_state_dict(torch.load(state_file, map_location=accelerator.device))
+        if carried.next_index != step:
+            raise ConfigError(f"{state_file} continues at block {carried.next_index}, not at step {step}")
+
+
+def check_resumable(config: TrainConfig, saved: dict, world_size: int, checkpoint: Path) -> None:
+    """Refuse to resume with settings that would change the trajectory (say which)."""
+    changed = {
+        key: (saved["config"].get(key), value) for key, value in dataclasses.asdict(config).items()
+        if key not in RESUMABLE_CHANGES and saved["config"].get(key) != value
+    }
+    if saved["world_size"] != world_size:
+        changed["processes"] = (saved["world_size"], world_size)
+    if changed:
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise ConfigError(f"cannot resume from {checkpoint}: these settings differ from the checkpoint's ({details})")
+
+
+def export_pretrained(accelerator, model, tokenizer, folder: Path) -> None:
+    """`save_pretrained` model (+ remote code, generation config) and tokenizer into `folder` (collective call)."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(folder, state_dict=state_dict)
+        tokenizer.save_pretrained(folder)
+
+
+# Files and folders a run writes into output_dir besides its final model.
+RUN_RECORDS = (
+    "checkpoints", "train_log.jsonl", "training_summary.json", "loss_curve.png", "tensorboard", "tokenizer")
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds another one (unless told to replace it)."""
+    found = [name for name in RUN_RECORDS if (Path(output_dir) / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(
+            f"output_dir {output_dir} holds another run ({', '.join(found)}); continue it with --resume, "
+            "choose a new --output-dir, or pass --overwrite_output_dir to delete it and start over")
+
+
+def remove_run(output_dir: str) -> None:
+    """Delete a previous run's records and final model (`--overwrite_output_dir`), nothing else in the folder."""
+    # The final model's files are those its checkpoints' model folders hold (save_pretrained's names).
+    model_files = {path.name for path in checkpoint_dir(output_dir).glob(f"{CHECKPOINT_PREFIX}*/pretrained/*")}
+    for name in (*RUN_RECORDS, *sorted(model_files)):
+        path = Path(output_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
