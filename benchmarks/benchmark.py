@@ -42,6 +42,7 @@ from transformers import __version__ as transformers_version
 from transformers.utils import logging as hf_logging
 
 from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
+from modeling_minrnn.cells import CELL_TYPES
 from modeling_minrnn.modeling_minrnn import MinRNNMixer
 from modeling_minrnn.scan import linear_recurrence, resolve_backend
 from modeling_minrnn.scan_cpu import cpu_scan_available
@@ -236,7 +237,7 @@ class _GRUCellLoop(nn.Module):
 def layer_candidates(hidden: int, device: str) -> dict:
     """One layer of each kind, all `(batch, seq, hidden) -> (batch, seq, hidden)`."""
     layers = {}
-    for cell in ("mingru", "minlstm"):
+    for cell in CELL_TYPES:
         config = MinRNNConfig(hidden_size=hidden, num_hidden_layers=1, cell_type=cell, expansion_factor=1.0,
                               conv_kernel=0)
         layers[f"{'minGRU' if cell == 'mingru' else 'minLSTM'} (minrnn)"] = MinRNNMixer(config, layer_idx=0)

@@ -23,6 +23,7 @@ from pathlib import Path
 from experiment_common import REPO_ROOT, device_name, markdown_table, plot_curves, setup_torch, write_results
 
 from minrnn_training.config import parse_settings
+from modeling_minrnn.cells import CELL_TYPES
 from minrnn_training.schedule import decay_groups, lr_at, set_lr
 
 VOCAB_SIZE = 16
@@ -59,7 +60,7 @@ def sample_selective_copying(batch_size: int, seq_len: int, num_memorize: int, g
 class Settings:
     """Every setting of the experiment; YAML (`--config`) and `--key value` options override these."""
 
-    models: list[str] = field(default_factory=lambda: [f"{c}-{d}" for c in ("mingru", "minlstm") for d in (1, 2, 3)])
+    models: list[str] = field(default_factory=lambda: [f"{c}-{d}" for c in CELL_TYPES for d in (1, 2, 3)])
     # Task.
     seq_len: int = 4096
     num_memorize: int = 16
@@ -108,7 +109,7 @@ class Settings:
 def parse_model_name(name: str) -> tuple[str, int]:
     """`"mingru-3"` -> `("mingru", 3)`; the cell is `mingru` or `minlstm`, the depth a positive integer."""
     cell, _, depth = name.partition("-")
-    if cell not in ("mingru", "minlstm") or not depth.isdigit() or int(depth) < 1:
+    if cell not in CELL_TYPES or not depth.isdigit() or int(depth) < 1:
         raise SystemExit(f"--models: {name!r} is not a model name; use <mingru|minlstm>-<layers>, e.g. mingru-3.")
     return cell, int(depth)
 
