@@ -33,7 +33,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUNNABLE = ("python", "bash")
 MARKERS = ("skip", "slow", "xfail")
 BLOCK = re.compile(r"^(?:<!-- (?P<marker>\w+): (?P<reason>[^\n]*?) -->\n)?```(?P<lang>[\w-]*)\n(?P<code>.*?)^```$",
-                   re.S | re.M)
+                   re.DOTALL | re.MULTILINE)
 # Top-level entries a block may name by a relative path, as it would in a checkout.
 CHECKOUT_ENTRIES = ("benchmarks", "configs", "docs", "hub_upload", "modeling_minrnn", "scripts", "pyproject.toml",
                     "README.md", "RESULTS.md")
@@ -99,7 +99,10 @@ def forkserver():
         yield context
     finally:
         for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 def _env():
@@ -140,9 +143,9 @@ def test_block_runs(name, lang, code, tmp_path, request):
     log = tmp_path / "output.log"
     start = time.perf_counter()
     if lang == "bash":
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=_env(), stdout=open(log, "w"),
-                              stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
-        exitcode = proc.returncode
+        with open(log, "w") as out:
+            exitcode = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=_env(), stdout=out,
+                                      stderr=subprocess.STDOUT, timeout=TIMEOUT_S, check=False).returncode
     else:
         process = request.getfixturevalue("forkserver").Process(target=_run_python, args=(name, code, cwd, log))
         process.start()
@@ -153,4 +156,5 @@ def test_block_runs(name, lang, code, tmp_path, request):
             pytest.fail(f"{name}: still running after {TIMEOUT_S} s; mark it slow or make it smaller")
         exitcode = process.exitcode
     output = log.read_text(errors="replace")
-    assert exitcode == 0, f"{name} ({lang}) exited with {exitcode} after {time.perf_counter() - start:.1f} s:\n{output[-4000:]}"
+    elapsed = time.perf_counter() - start
+    assert exitcode == 0, f"{name} ({lang}) exited with {exitcode} after {elapsed:.1f} s:\n{output[-4000:]}"
