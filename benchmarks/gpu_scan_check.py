@@ -1,6 +1,6 @@
-"""One prepared GPU check of the Triton scan kernels (`modeling_minrnn/scan_triton.py`), sized for a lent H100/H200.
+"""One prepared GPU check of the Triton scan kernels (`modeling_minrnn/scan_triton.py`), sized to finish in minutes on one H100/H200.
 
-    python benchmarks/gpu_scan_check.py            # ~2-3 minutes, tables on stdout and in $OUT/gpu_scan_check.md
+    python benchmarks/gpu_scan_check.py            # ~2-3 minutes, tables on stdout and, with OUT=DIR set, in DIR/gpu_scan_check.md
 
 1. Correctness on the GPU: fused and chunked kernels, values and gradients, against a sequential float64 reference
    (odd shapes, T = 1, initial state, fp16/bf16 inputs, -inf padding, and the states at T = 65,536).

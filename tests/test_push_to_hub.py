@@ -339,7 +339,7 @@ def test_training_summary_with_wrong_types_is_named():
 @pytest.mark.parametrize("dataset, described", [
     ("pydoc_data.topics", "CPython's documentation topics (`pydoc_data.topics`"),
     ("data/train.txt", "local files `data/train.txt` (not published)"),
-    ("../shared/data/tinyshakespeare.txt", "local files `../shared/data/tinyshakespeare.txt` (not published)"),
+    ("../corpora/tinyshakespeare.txt", "local files `../corpora/tinyshakespeare.txt` (not published)"),
 ])
 def test_card_metadata_holds_only_hub_dataset_ids(dataset, described):
     config = {"model_type": "minrnn", "cell_type": "mingru", "vocab_size": 50}
