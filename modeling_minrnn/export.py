@@ -149,17 +149,39 @@ def _cumprod_by_products(x: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
     return torch.stack(products, dim).to(dtype or x.dtype)
 
 
+def _transposes_to_nodes(graph) -> None:
+    """Replace each 2-D initializer that is the transpose of another one by a Transpose node reading it.
+
+    The exporter folds `x @ W.T` into a transposed copy of `W`; for a tied embedding/head that is a second copy of
+    the largest matrix. The runtime folds the node back into a constant when it loads the graph."""
+    from onnx import helper, numpy_helper
+
+    matrices = {t.name: t for t in graph.initializer if len(t.dims) == 2 and len(t.raw_data) >= 1024}
+    by_content = {hashlib.sha256(t.raw_data).digest(): name for name, t in matrices.items()}
+    sources, replaced = set(), set()
+    for name, tensor in matrices.items():
+        transposed = numpy_helper.to_array(tensor).T.copy()
+        source = by_content.get(hashlib.sha256(transposed.tobytes()).digest())
+        if source is None or source == name or source in replaced or name in sources:
+            continue  # a matrix and its transpose both present: keep one, never read each other (a cycle)
+        sources.add(source)
+        replaced.add(name)
+        graph.initializer.remove(tensor)
+        graph.node.insert(0, helper.make_node("Transpose", [source], [name], perm=[1, 0], name=f"{name}_transpose"))
+
+
 def _save_onnx_sharing_weights(models: dict[str, "onnx.ModelProto"], out_dir: Path) -> None:  # noqa: F821
     """Save several graphs of one model with their weights in one external data file, each weight once.
 
-    The step and prefill graphs hold the same weights (so does a tied embedding/head, if the exporter made two
-    initializers of it): identical tensors are written once and every graph points at the same bytes."""
+    The step and prefill graphs hold the same weights: identical tensors are written once and every graph points at
+    the same bytes."""
     from onnx import save_model
     from onnx.external_data_helper import set_external_data
 
     written = {}
     with open(out_dir / ONNX_DATA_FILE, "wb") as data:
         for file_name, proto in models.items():
+            _transposes_to_nodes(proto.graph)
             for tensor in proto.graph.initializer:
                 raw = tensor.raw_data
                 if len(raw) < 1024:  # small constants stay inside the graph
@@ -330,6 +352,11 @@ class ExportedModel:
         if self.format == "executorch":
             from executorch.runtime import Runtime
 
+            if num_threads is not None:
+                # The pybindings' one process-wide pool (XNNPACK's threads), resized between calls.
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+                _unsafe_reset_threadpool(num_threads)
             self._program = Runtime.get().load_program(self.path / EXECUTORCH_FILE)
 
     def _method(self, kind: str):
