@@ -213,6 +213,9 @@ def export_onnx(model, out_dir: Path, quantize: str | None = None, prefill_lengt
             verbose=False,
         )
         proto = program.model_proto
+        for value in (*proto.graph.input, *proto.graph.output):
+            # The exporter names the symbolic batch after its own symbol (`s0`, ...): use the documented name.
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
         if quantize == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -24,13 +24,14 @@ CONFIGS = {
     "minlstm-conv-nomlp": dict(cell_type="minlstm", conv_kernel=3, intermediate_size=0),
     "minlstm-noconv-mlp": dict(cell_type="minlstm", conv_kernel=0, intermediate_size=32),
 }
-# Each export takes seconds (ExecuTorch's lowering tens of seconds): the default run exports the models that between
+# Each export takes seconds (ExecuTorch's lowering tens of seconds): the default run exports models that between
 # them take every value of each setting (ExecuTorch: one of them), `-m slow` all four in both formats.
-ONNX_DEFAULT = ("mingru-conv-mlp", "minlstm-noconv-nomlp")
+ONNX_DEFAULT = ("mingru-conv-mlp", "mingru-noconv-nomlp", "minlstm-conv-nomlp")
 EXECUTORCH_DEFAULT = ("mingru-conv-mlp",)
 
 
 def configs(default):
+    assert set(default) <= set(CONFIGS), f"unknown model names in {default}"
     return [name if name in default else pytest.param(name, marks=pytest.mark.slow) for name in CONFIGS]
 
 
@@ -147,7 +148,7 @@ def test_folder_describes_the_graphs(onnx_export):
         session = onnxruntime.InferenceSession(folder / file, providers=["CPUExecutionProvider"])
         for spec, arg in zip(meta["inputs"] + meta["outputs"], session.get_inputs() + session.get_outputs()):
             assert spec["name"] == arg.name and onnx_type[spec["dtype"]] == arg.type
-            assert spec["shape"][0] == "batch" and spec["shape"][2:] == arg.shape[2:]
+            assert spec["shape"][0] == arg.shape[0] == "batch" and spec["shape"][2:] == arg.shape[2:]
     assert (folder / "tokenizer.json").is_file() and "tokenizer.json" in meta["files"]
     # The step and prefill graphs share one data file, which holds the (tied) weights once.
     weight_bytes = sum(p.numel() * 4 for p in model.parameters())
