@@ -196,7 +196,7 @@ def main(argv=None):
                 torch.set_num_threads(threads)
                 bandwidth = memory_bandwidth_gbs(threads)
 
-                def add(method, ms, kind="minGRU"):
+                def add(method, ms, kind="minGRU", threads=threads, context=context):
                     rows.append(dict(method=method, kind=kind, threads=threads, context=context, ms=ms))
 
                 add("PyTorch eager fp32", timed_steps(torch_stepper(model, MinRNNCache.load(state_file, model)), first, args.steps))
