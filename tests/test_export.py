@@ -233,25 +233,3 @@ def test_rejects_bad_arguments(tmp_path):
         export_module.export(model, tmp_path, "onnx", quantize="int4")
     with pytest.raises(ValueError, match="fp32 model"):
         export_module.export_program(model.to(torch.bfloat16), 1)
-
-
-@pytest.mark.slow
-def test_docs_python_blocks_run_standalone(tmp_path):
-    """Each Python example of docs/export.md runs as written, alone in a fresh process."""
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("executorch")
-    repo = Path(__file__).resolve().parents[1]
-    blocks = re.findall(r"```python\n(.*?)```", (repo / "docs" / "export.md").read_text(), re.S)
-    assert len(blocks) >= 4
-    for i, block in enumerate(blocks):
-        result = subprocess.run(
-            [sys.executable, "-c", block], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(repo)),
-            capture_output=True, text=True, timeout=600,
-        )
-        assert result.returncode == 0, f"block {i} of docs/export.md failed:\n{result.stderr[-3000:]}"
