@@ -9,7 +9,8 @@ Every comparison runs side by side in the same process, so the ratios hold for t
    against the elementwise floor (one `torch.addcmul` pass over tensors of the same size: what any scan must at
    least read and write) and against the paper's log-space scan.
 2. layer: a training step (forward + backward) of one minGRU / minLSTM mixer (in_proj -> scan, hidden
-   256, batch 8, no conv, expansion 1: no projection back, as in the paper) against `nn.GRU` / `nn.LSTM` of hidden 256, at T = 512 and 4096: the paper's headline.
+   256, batch 8, no conv, expansion 1: no projection back, as in the paper) against `nn.GRU` / `nn.LSTM` of
+   hidden 256, at T = 512 and 4096: the paper's headline.
 3. train: training tokens/s (forward + backward + AdamW) at equal parameter counts (+-5%, ~6M, hidden 256) of
    `MinRNNForCausalLM` against GPT-2 (sdpa), Mamba and lucidrains' minGRU-pytorch LM, at T = 256, 1024, 4096 with
    8192 tokens per step.
@@ -428,7 +429,8 @@ def bench_decode(device: str, sizes: Sizes, models: dict, compile_decode: bool) 
     rows = []
     variants = [("minrnn (minGRU)", {}), ("GPT-2 (sdpa)", {})]
     if compile_decode:
-        variants.append(("minrnn (minGRU)", {"cache_implementation": "static", "compile_config": compile_config(device)}))
+        static_compiled = {"cache_implementation": "static", "compile_config": compile_config(device)}
+        variants.append(("minrnn (minGRU)", static_compiled))
     for name, generate_kwargs in variants:
         model = models[name][0].to(device).eval()
         label = name + (", static cache + torch.compile" if generate_kwargs else "")
@@ -584,7 +586,10 @@ def decode_report(rows: list, profile: dict | None) -> str:
     compiled = [row for row in rows if row["matches_eager"] is not None]
     if compiled:
         same = all(row["matches_eager"] for row in compiled)
-        text += f"\n\nStatic cache + torch.compile generates the same tokens as eager decoding: {'yes' if same else 'NO'}."
+        text += (
+            "\n\nStatic cache + torch.compile generates the same tokens as eager decoding:"
+            f" {'yes' if same else 'NO'}."
+        )
     if profile:
         text += (
             f"\n\nminrnn's per-token forward alone (no `generate()` around it): {profile['ms_per_step']:.2f} ms. "
@@ -620,7 +625,8 @@ def targets_report(results: dict, device: str) -> str:
     scan, layer, train, decode = (results.get(k, []) for k in ("scan", "layer", "train", "decode"))
     fast_backend = "triton" if device == "cuda" else "cpu"
     for shape in dict.fromkeys(row["shape"] for row in scan):
-        floor, fast = find(scan, shape=shape, backend="elementwise floor"), find(scan, shape=shape, backend=fast_backend)
+        floor = find(scan, shape=shape, backend="elementwise floor")
+        fast = find(scan, shape=shape, backend=fast_backend)
         if floor and fast:
             add(f"{fast_backend} scan fwd+bwd / floor at {shape} <= 3", fast["forward_backward_s"] / floor["forward_s"],
                 3.0, higher=False)
@@ -705,13 +711,15 @@ def write_report(results: dict, notes: list, device: str, machine: str, out: Pat
     sections += ["", "## Targets", "", targets_report(results, device)]
     if results.get("scan"):
         sections += ["", "## Scan backends vs the elementwise floor (fp32)", "",
-                     ("The floor is one `torch.addcmul(b, a, h_prev, out=h)` pass over tensors of the scan's shape (three"
-                      " read, one written into a preallocated output, so no page faults for fresh memory, which a scan"
-                      " returning a new tensor pays); both ratio columns divide by this same one-pass floor."), "",
+                     ("The floor is one `torch.addcmul(b, a, h_prev, out=h)` pass over tensors of the scan's shape"
+                      " (three read, one written into a preallocated output, so no page faults for fresh memory, which"
+                      " a scan returning a new tensor pays); both ratio columns divide by this same one-pass floor."),
+                     "",
                      scan_report(results["scan"])]
     if results.get("layer"):
         sections += ["", "## One layer, training step (forward + backward)", "",
-                     "minGRU/minLSTM (minrnn): `MinRNNMixer` (in_proj -> scan, expansion 1 so no projection back, as in the paper; no conv).", "",
+                     ("minGRU/minLSTM (minrnn): `MinRNNMixer` (in_proj -> scan, expansion 1 so no projection back,"
+                      " as in the paper; no conv)."), "",
                      layer_report(results["layer"])]
     if results.get("train"):
         sections += ["", "## Language models, training tokens/s (forward + backward + AdamW)", "",

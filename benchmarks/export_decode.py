@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from modeling_minrnn import MinRNNCache, MinRNNConfig, MinRNNForCausalLM
 from modeling_minrnn.export import ExportedModel, export
 
-
 MINGRU_124M = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, intermediate_size=3072, conv_kernel=4)
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128, conv_kernel=4)
 
@@ -153,7 +152,9 @@ def main(argv=None):
     try:
         model.save_pretrained(work / "checkpoint")
         sizes["PyTorch fp32 (safetensors)"] = folder_mb(work / "checkpoint")
-        text = torch.randint(0, config.vocab_size, (1, args.agreement_tokens), generator=torch.Generator().manual_seed(1))
+        text = torch.randint(
+            0, config.vocab_size, (1, args.agreement_tokens), generator=torch.Generator().manual_seed(1)
+        )
 
         # torchao through from_pretrained, as transformers users load it.
         from torchao.quantization import Int8WeightOnlyConfig
@@ -199,9 +200,12 @@ def main(argv=None):
                 def add(method, ms, kind="minGRU", threads=threads, context=context):
                     rows.append(dict(method=method, kind=kind, threads=threads, context=context, ms=ms))
 
-                add("PyTorch eager fp32", timed_steps(torch_stepper(model, MinRNNCache.load(state_file, model)), first, args.steps))
-                add("PyTorch eager bf16", timed_steps(torch_stepper(bf16, bf16_cache(state_file, model)), first, args.steps))
-                add("torchao int8 (bf16 act.)", timed_steps(torch_stepper(quantized, bf16_cache(state_file, model)), first, args.steps))
+                fp32_stepper = torch_stepper(model, MinRNNCache.load(state_file, model))
+                add("PyTorch eager fp32", timed_steps(fp32_stepper, first, args.steps))
+                bf16_stepper = torch_stepper(bf16, bf16_cache(state_file, model))
+                add("PyTorch eager bf16", timed_steps(bf16_stepper, first, args.steps))
+                int8_stepper = torch_stepper(quantized, bf16_cache(state_file, model))
+                add("torchao int8 (bf16 act.)", timed_steps(int8_stepper, first, args.steps))
                 for name, folder in runners.items():
                     runner = ExportedModel(folder, num_threads=threads)
                     state = runner.load_state(state_file)

@@ -1,6 +1,8 @@
-"""One prepared GPU check of the Triton scan kernels (`modeling_minrnn/scan_triton.py`), sized to finish in minutes on one H100/H200.
+"""One prepared GPU check of the Triton scan kernels (`modeling_minrnn/scan_triton.py`), sized to finish in minutes
+on one H100/H200.
 
-    python benchmarks/gpu_scan_check.py            # ~2-3 minutes, tables on stdout and, with OUT=DIR set, in DIR/gpu_scan_check.md
+    python benchmarks/gpu_scan_check.py            # ~2-3 minutes, tables on stdout and, with OUT=DIR set,
+                                                   # in DIR/gpu_scan_check.md
 
 1. Correctness on the GPU: fused and chunked kernels, values and gradients, against a sequential float64 reference
    (odd shapes, T = 1, initial state, fp16/bf16 inputs, -inf padding, and the states at T = 65,536).
@@ -25,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 
 START = time.perf_counter()
 SWEEP_DEADLINE_S = 170  # the whole script must stay under 4 minutes; the sweep is the part to drop
@@ -241,7 +242,8 @@ def time_scans(peak, copy):
                     f"({batch}, {seq}, {dim})", str(dtype).removeprefix("torch."),
                     name + (" (default)" if name == f"triton {default}" else ""),
                     f"{forward:.3f}", f"{forward_bytes / forward / 1e6:.0f}", f"{both:.3f}", f"{achieved:.0f}",
-                    f"{achieved / peak:.0%}" if peak else "-", f"{baseline[0] / forward:.1f}x / {baseline[1] / both:.1f}x",
+                    f"{achieved / peak:.0%}" if peak else "-",
+                    f"{baseline[0] / forward:.1f}x / {baseline[1] / both:.1f}x",
                 ])
     table(["shape", "inputs", "scan", "fwd ms", "fwd GB/s", "fwd+bwd ms", "fwd+bwd GB/s", "fwd+bwd of peak",
            "speed-up vs log-space (fwd / fwd+bwd)"], rows)

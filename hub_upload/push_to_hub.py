@@ -341,7 +341,8 @@ def _format_size(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="folder written by save_pretrained (model, and tokenizer if any)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="folder written by save_pretrained (model, and tokenizer if any)")
     parser.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing); default main")

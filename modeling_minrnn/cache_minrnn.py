@@ -16,7 +16,6 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 
-
 STATE_FORMAT = "minrnn-state"
 STATE_FORMAT_VERSION = "1"
 # The model settings a state depends on, checked in this order when a state is loaded.
@@ -123,7 +122,10 @@ class MinRNNCache(DynamicCache):
         if len({len(p) for p in parts}) != 1 or len({p[0].conv is None for p in parts}) != 1:
             raise ValueError("`MinRNNCache.concatenate` takes caches of one model (same layers, same conv).")
         states = [
-            LayerState(torch.cat([s.h for s in layer]), None if layer[0].conv is None else torch.cat([s.conv for s in layer]))
+            LayerState(
+                torch.cat([s.h for s in layer]),
+                None if layer[0].conv is None else torch.cat([s.conv for s in layer]),
+            )
             for layer in zip(*parts)
         ]
         return cls.from_layer_states(states, max(int(c.get_seq_length()) for c in caches))

@@ -12,7 +12,6 @@ from modeling_minrnn import MinRNNCache, MinRNNConfig, MinRNNForCausalLM
 from modeling_minrnn import export as export_module
 from modeling_minrnn.export import METADATA_FILE, ExportedModel, main, state_names
 
-
 VOCAB = 97
 PREFILL = 8
 PROMPT = 20  # two prefill chunks, then four single steps
@@ -100,7 +99,8 @@ def check_against_generate(model, folder, tmp_path):
     with torch.no_grad():
         model(prompt[:, :-1], cache=cache)
     cache.save(tmp_path / "state.safetensors", model)
-    tokens, logits = runner.generate(prompt[:, -1:], NEW_TOKENS, state=runner.load_state(tmp_path / "state.safetensors"))
+    state = runner.load_state(tmp_path / "state.safetensors")
+    tokens, logits = runner.generate(prompt[:, -1:], NEW_TOKENS, state=state)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
 

@@ -8,11 +8,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer, pipeline
 
-from conftest import tiny_model
 from modeling_minrnn import MinRNNForCausalLM
-
 
 # Python run in a subprocess that cannot import the package: the only way to the model is the saved remote code.
 BLOCK_PACKAGE = textwrap.dedent(
@@ -90,7 +89,8 @@ def test_remote_code_loads_where_the_package_is_not_importable(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "transformers_modules" in result.stdout and "(2, 11)" in result.stdout.replace("torch.Size([2, 11])", "(2, 11)")
+    assert "transformers_modules" in result.stdout
+    assert "(2, 11)" in result.stdout.replace("torch.Size([2, 11])", "(2, 11)")
 
 
 def test_pipeline_and_streamer(char_tokenizer, capsys):

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_model
 from transformers import DynamicCache
 
-from conftest import tiny_config, tiny_model
 from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
-from modeling_minrnn.cells import log_g, minlstm_log_gates, mingru_log_gates
-
+from modeling_minrnn.cells import log_g, mingru_log_gates, minlstm_log_gates
 
 CELLS_AND_CONVS = [("mingru", 4), ("mingru", 0), ("minlstm", 4), ("minlstm", 0)]
 
@@ -302,7 +301,9 @@ def test_empty_sequence_gets_one_clear_error():
 
 
 @pytest.mark.parametrize(
-    "values", [[0.5, 1.0, 1.0], [-1, 1, 1], [0.0, float("-inf"), 0.0], [2, 1, 1]], ids=["half", "minus_one", "additive", "two"]
+    "values",
+    [[0.5, 1.0, 1.0], [-1, 1, 1], [0.0, float("-inf"), 0.0], [2, 1, 1]],
+    ids=["half", "minus_one", "additive", "two"],
 )
 def test_attention_mask_other_than_0_and_1_is_refused(values):
     model = tiny_model()

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import reference_scan
+
 from modeling_minrnn.scan import (
     chunked_scan,
     linear_recurrence,
@@ -66,7 +66,9 @@ def test_chunked_gradcheck_float64():
     inputs = [log_a.double().requires_grad_(), log_b.double().requires_grad_(), torch.randn(2, 3, dtype=torch.float64)]
     inputs[2].requires_grad_()
     # The backend computes in fp32 by contract, so compare analytic and numeric gradients loosely.
-    assert torch.autograd.gradcheck(lambda a, b, h: chunked_scan(a, b, h).double(), inputs, eps=1e-3, atol=5e-3, rtol=5e-3)
+    assert torch.autograd.gradcheck(
+        lambda a, b, h: chunked_scan(a, b, h).double(), inputs, eps=1e-3, atol=5e-3, rtol=5e-3
+    )
 
 
 def test_padding_positions_leave_state_untouched():

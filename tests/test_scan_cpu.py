@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import reference_scan
 
 from modeling_minrnn.cells import mingru_log_gates, minlstm_log_gates
@@ -254,7 +253,9 @@ def check_cell_against_reference(cell_type, projections, padding_mask, initial, 
 
 @pytest.mark.parametrize("cell_type", sorted(CELLS))
 @pytest.mark.parametrize(
-    "shape", [(2, 37, 19), (1, 1, 5), (1, 50, 33), (3, 9, 1030)], ids=["odd", "one_step", "batch_1_split", "rows_over_1024"]
+    "shape",
+    [(2, 37, 19), (1, 1, 5), (1, 50, 33), (3, 9, 1030)],
+    ids=["odd", "one_step", "batch_1_split", "rows_over_1024"],
 )
 @pytest.mark.parametrize("with_initial", [False, True], ids=["zero_state", "initial_state"])
 def test_cell_matches_reference(cell_type, shape, with_initial):
@@ -282,7 +283,8 @@ def test_cell_padding_passes_state_through_with_zero_grads(cell_type):
     h_garbage = cpu_cell_scan(cell_type, garbage, keep, initial)
     assert torch.equal(h_garbage, h)
     grad_garbage = torch.autograd.grad(h_garbage.sum(), garbage)[0]
-    assert torch.equal(grad_garbage, torch.autograd.grad(cpu_cell_scan(cell_type, projections, keep, initial).sum(), projections)[0])
+    h_clean = cpu_cell_scan(cell_type, projections, keep, initial)
+    assert torch.equal(grad_garbage, torch.autograd.grad(h_clean.sum(), projections)[0])
 
 
 def make_resets(batch, seq, seed=5):
@@ -440,6 +442,6 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     )
     processes = [_python(code, TORCH_EXTENSIONS_DIR=str(tmp_path)) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (out, err) in zip(processes, outputs):
+    for process, (_out, err) in zip(processes, outputs):
         assert process.returncode == 0, err
     assert outputs[0][0] == outputs[1][0] and outputs[0][0].strip()

@@ -77,7 +77,7 @@ for name in {list(BAD_INPUTS)!r}:
     assert result.returncode == 0, result.stderr[-3000:]
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [name for name, *_ in answers] == list(BAD_INPUTS)
-    for name, message, torch_imported, seconds in answers:
+    for name, message, torch_imported, _seconds in answers:
         assert re.match(f"error: .*{BAD_INPUTS[name][1]}", message) and "\n" not in message, (name, message)
         assert not torch_imported, f"{name}: torch was imported before the error"
     assert not (tmp_path / "out").exists()
