@@ -12,8 +12,7 @@ from .configuration_minrnn import MinRNNConfig
 from .modeling_minrnn import MinRNNForCausalLM, MinRNNModel, MinRNNPreTrainedModel
 from .scan import SCAN_BACKENDS, linear_recurrence
 
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(MinRNNConfig.model_type, MinRNNConfig, exist_ok=True)
 AutoModel.register(MinRNNConfig, MinRNNModel, exist_ok=True)

@@ -34,7 +34,6 @@ from torch import nn
 
 from .cache_minrnn import LayerState, MinRNNCache, layer_states
 
-
 METADATA_FILE = "minrnn_export.json"
 FORMATS = ("onnx", "executorch")
 QUANTIZATIONS = (None, "int8")

@@ -26,7 +26,6 @@ from .packing import checks_values, padding_mask_from, sequence_starts
 from .scan import linear_recurrence, resolve_backend
 from .scan_cpu import cpu_cell_scan
 
-
 logger = logging.get_logger(__name__)
 
 

@@ -26,7 +26,6 @@ import torch
 from .scan_cpu import cpu_scan, cpu_scan_available
 from .scan_triton import triton_scan, triton_scan_available
 
-
 SCAN_BACKENDS = ("auto", "sequential", "log_space", "chunked", "cpu", "triton")
 
 

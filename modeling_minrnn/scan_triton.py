@@ -31,7 +31,6 @@ import contextlib
 
 import torch
 
-
 try:
     import triton
     import triton.language as tl

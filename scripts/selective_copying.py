@@ -23,8 +23,8 @@ from pathlib import Path
 from experiment_common import REPO_ROOT, device_name, markdown_table, plot_curves, setup_torch, write_results
 
 from minrnn_training.config import parse_settings
-from modeling_minrnn.cells import CELL_TYPES
 from minrnn_training.schedule import decay_groups, lr_at, set_lr
+from modeling_minrnn.cells import CELL_TYPES
 
 VOCAB_SIZE = 16
 EMPTY = VOCAB_SIZE - 1  # fills the sequence around the data tokens

@@ -11,9 +11,8 @@ import textwrap
 
 import pytest
 import torch
-from transformers import DynamicCache
-
 from conftest import ROOT, tiny_model
+from transformers import DynamicCache
 
 
 @pytest.mark.parametrize("cell_type,conv_kernel", [("mingru", 4), ("minlstm", 0)])

@@ -9,11 +9,10 @@ import functools
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import DynamicCache
 
-from conftest import tiny_model
 from modeling_minrnn import MinRNNCache
-
 
 NEW_TOKENS = 32
 SOURCES = ("forward", "generate", "prefill", "state_file")

@@ -11,11 +11,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import DynamicCache
 
-from conftest import tiny_model
 from modeling_minrnn import MinRNNCache
-
 
 CELLS_AND_CONVS = [("mingru", 4), ("mingru", 0), ("minlstm", 4), ("minlstm", 0)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

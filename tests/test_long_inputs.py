@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 

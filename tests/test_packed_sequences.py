@@ -7,8 +7,6 @@ restart. Checked against each sequence run alone (logits and loss gradients), th
 
 import pytest
 import torch
-from transformers import DynamicCache
-
 from conftest import tiny_model as identity_conv_model
 
 
