@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ def tinyshakespeare() -> Path:
         pytest.skip(f"needs tinyshakespeare.txt at {path} (python scripts/download_tinyshakespeare.py, or set "
                     "TINYSHAKESPEARE)")
     return path
+
+
+# What a dependency prints to stderr on import, not minrnn: torchao (the `export` extra; transformers imports it
+# whenever it is installed) warns about its kernels built for other Pythons and GPUs, and torch about torchao's enums.
+_FOREIGN_STDERR = re.compile(r"Failed to load \S*/torchao/\S*: |W\d{4} [\d:.]+ \d+ \S*_pytree\.py:\d+\] ")
+
+
+def own_stderr(text: str) -> str:
+    """`text` without the lines that dependencies print on import (see `_FOREIGN_STDERR`)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _FOREIGN_STDERR.match(line))
 
 
 def reference_scan(log_a, log_b, initial_state=None, reset=None):

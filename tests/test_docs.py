@@ -17,6 +17,7 @@ import is paid once instead of several seconds a block.
 """
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import shutil
@@ -90,19 +91,21 @@ def tiny_run(tmp_path_factory):
 def forkserver():
     """A multiprocessing context whose processes fork from a server that has imported torch and transformers."""
     context = multiprocessing.get_context("forkserver")
-    # The server reads the environment when it starts: the offline switches must be set before its first fork.
+    # The server reads the environment when it starts: it starts here with the offline switches set, and the
+    # switches are taken back at once, so that no later test of the session runs offline.
     saved = {key: os.environ.get(key) for key in OFFLINE}
     os.environ.update(OFFLINE)
     context.set_forkserver_preload(["torch", "transformers", "transformers.modeling_utils",
                                     "transformers.generation"])
     try:
-        yield context
+        multiprocessing.forkserver.ensure_running()
     finally:
         for key, value in saved.items():
             if value is None:
                 del os.environ[key]
             else:
                 os.environ[key] = value
+    return context
 
 
 def _env():

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_model
+from conftest import own_stderr, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILING = "minrnn: compiling the native CPU scan kernel"
@@ -55,7 +55,7 @@ def test_cached_kernel_loads_silently():
         pytest.skip(f"the native kernel cannot be built here: {first.stderr.strip()}")
     second = _build_ahead()
     assert second.returncode == 0, second.stderr
-    assert second.stderr == "", second.stderr
+    assert own_stderr(second.stderr) == "", second.stderr
     assert second.stdout.startswith("native CPU scan kernel ready: ") and second.stdout.strip().endswith(".so")
 
 
@@ -63,7 +63,7 @@ def test_failed_build_is_announced_and_exits_non_zero(tmp_path):
     """A fresh cache without a working compiler: the compile is announced, then one line says why it failed."""
     proc = _build_ahead(CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
+    lines = own_stderr(proc.stderr).strip().splitlines()
     assert len(lines) == 2, proc.stderr
     assert lines[0].startswith(COMPILING) and str(tmp_path) in lines[0]
     assert lines[1].startswith("minrnn: native CPU scan unavailable (") and "/bin/false" in lines[1]
@@ -73,7 +73,7 @@ def test_failed_build_is_announced_and_exits_non_zero(tmp_path):
 def test_build_ahead_refuses_when_disabled():
     proc = _build_ahead(MINRNN_DISABLE_CPU_EXT="1")
     assert proc.returncode == 1
-    assert proc.stderr.strip() == ("error: MINRNN_DISABLE_CPU_EXT=1 disables the native CPU scan; unset it to build "
+    assert own_stderr(proc.stderr).strip() == ("error: MINRNN_DISABLE_CPU_EXT=1 disables the native CPU scan; unset it to build "
                                    "the kernel")
 
 

@@ -126,4 +126,4 @@ def test_million_token_prefill_in_bounded_memory():
     # below what holding the whole prompt's activations takes (the full forward's growth, checked to be large, shows
     # that the measurement sees them).
     assert numbers["quarter_to_million_mib"] < 64, numbers
-    assert numbers["full_forward_mib"] > 4 * max(numbers["quarter_to_million_mib"], 64), numbers
+    assert numbers["full_forward_mib"] > 3 * max(numbers["quarter_to_million_mib"], 64), numbers
