@@ -73,8 +73,9 @@ def test_failed_build_is_announced_and_exits_non_zero(tmp_path):
 def test_build_ahead_refuses_when_disabled():
     proc = _build_ahead(MINRNN_DISABLE_CPU_EXT="1")
     assert proc.returncode == 1
-    assert own_stderr(proc.stderr).strip() == ("error: MINRNN_DISABLE_CPU_EXT=1 disables the native CPU scan; unset it to build "
-                                   "the kernel")
+    assert own_stderr(proc.stderr).strip() == (
+        "error: MINRNN_DISABLE_CPU_EXT=1 disables the native CPU scan; unset it to build the kernel"
+    )
 
 
 @pytest.mark.slow  # one real compile: ~25 s on 2 idle cores, a minute or more under load
