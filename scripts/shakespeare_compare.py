@@ -26,6 +26,10 @@ Budgets, one after the other in the same run:
 - `steps`: every model trains `max_steps` steps (the paper's comparison);
 - `time`: every model trains for the same time, `time_budget_s` (default: what the Transformer took for
   `max_steps` in the steps budget); the schedule runs over that time instead of over steps.
+With `dropout_grid`, each `steps`/`time` budget first trains every model at every dropout of the grid (at its best
+rate, seed `seed`) and keeps the one with the lowest validation loss: dropout matters once a model overfits, so it
+is tuned at the budget it is used for, after the rate. With `seeds`, the budget's result is every model at its
+(rate, dropout) under each seed (weights and batch order), reported per seed and as mean and min-max.
 Time on CPU is the training process's CPU time (`time.process_time`, one torch thread per run with
 `num_threads: 1`), so runs sharing a machine, or running `jobs` at a time, get the same compute; on GPU it is
 wall-clock. Evaluations are not counted.
@@ -38,8 +42,8 @@ token), parameters, training tokens, training time and tokens/s. Each finished r
 
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -94,6 +98,10 @@ class Settings:
     beta2: float = 0.99
     grad_clip: float = 1.0
     seed: int = 1337
+    # Dropout tuned per model after the rate, at each steps/time budget (empty: `dropout` alone), and the seeds of
+    # those budgets' final runs (empty: `seed` alone). Grids run at `dropout` and `seed`.
+    dropout_grid: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
     time_budget_s: float | None = None  # None: the Transformer's time for max_steps (steps budget)
     # Evaluation: a fixed sample of validation windows during training; the whole splits at the end.
     eval_every: int = 250
@@ -126,8 +134,15 @@ class Settings:
         if "time" in self.budgets and self.time_budget_s is None and "steps" not in self.budgets:
             raise SystemExit("--budgets time alone needs --time-budget-s (the default is measured by the steps run).")
         if ("grid" in self.budgets) != bool(self.lr_grid):
-            raise SystemExit(f"--budgets grid and --lr-grid go together; got budgets {','.join(self.budgets)} and "
-                             f"lr_grid {self.lr_grid or 'empty'}: give both (e.g. --lr-grid 1e-3,2e-3,4e-3) or neither.")
+            raise SystemExit(
+                f"--budgets grid and --lr-grid go together; got budgets {','.join(self.budgets)} and "
+                f"lr_grid {self.lr_grid or 'empty'}: give both (e.g. --lr-grid 1e-3,2e-3,4e-3) or neither."
+            )
+        if any(not 0.0 <= p < 1.0 for p in [self.dropout, *self.dropout_grid]):
+            raise SystemExit(f"--dropout {self.dropout} and every --dropout-grid value {self.dropout_grid} must be "
+                             "in [0, 1).")
+        if len(set(self.seeds)) != len(self.seeds) or len(set(self.dropout_grid)) != len(self.dropout_grid):
+            raise SystemExit(f"--seeds {self.seeds} and --dropout-grid {self.dropout_grid} must not repeat a value.")
         if "grid" in self.budgets and (self.grid_time_s <= 0 or min(self.lr_grid) <= 0):
             raise SystemExit(f"--grid-time-s {self.grid_time_s} and every --lr-grid value {self.lr_grid} must be > 0.")
 
@@ -336,16 +351,36 @@ def make_optimizer(model, settings: Settings, lr: float):
 
 @dataclass(frozen=True)
 class Run:
-    """One training: a model kind under one budget (`steps`, or seconds of training time) at one learning rate."""
+    """One training: a model kind under one budget (`steps`, or seconds of training time) at one learning rate,
+    and at a dropout and seed other than the settings' where given."""
 
     kind: str
     budget: str
     lr: float
     time_budget_s: float | None = None  # None: `max_steps` steps
+    dropout: float | None = None  # None: the settings' `dropout`
+    seed: int | None = None  # None: the settings' `seed`
 
     @property
     def file_name(self) -> str:
-        return f"{self.budget}-{self.kind}-lr{self.lr:g}.json"
+        # Only what differs from the settings is in the name, so runs saved before dropout and seeds were
+        # varied keep their names and are reused.
+        dropout = "" if self.dropout is None else f"-dropout{self.dropout:g}"
+        seed = "" if self.seed is None else f"-seed{self.seed}"
+        return f"{self.budget}-{self.kind}-lr{self.lr:g}{dropout}{seed}.json"
+
+
+def make_run(kind: str, budget: str, lr: float, time_budget_s: float | None, settings: "Settings",
+             dropout: float | None = None, seed: int | None = None) -> Run:
+    """A `Run`, with `dropout`/`seed` left at None where they equal the settings' (one name per distinct run)."""
+    return Run(kind, budget, lr, time_budget_s, None if dropout in (None, settings.dropout) else dropout,
+               None if seed in (None, settings.seed) else seed)
+
+
+def run_settings(settings: "Settings", run: Run) -> "Settings":
+    """The settings one run trains under: the run's own dropout and seed in place of the settings'."""
+    return replace(settings, dropout=settings.dropout if run.dropout is None else run.dropout,
+                   seed=settings.seed if run.seed is None else run.seed)
 
 
 def mean_loss(model, inputs, targets, batch_size: int, device) -> float:
@@ -369,6 +404,7 @@ def train_one(run: Run, shape: dict, settings: Settings, data: TokenData) -> dic
     import torch
     import torch.nn.functional as F
 
+    settings = run_settings(settings, run)
     device = setup_torch(settings.num_threads, settings.device)
     # CPU time of this process: runs sharing the machine get the same compute however busy it is.
     clock = time.process_time if device.type == "cpu" else time.perf_counter
@@ -419,7 +455,8 @@ def train_one(run: Run, shape: dict, settings: Settings, data: TokenData) -> dic
 
     tokens = step * settings.batch_size * settings.context
     return {
-        "name": run.kind, "budget": run.budget, "lr": run.lr, "params": model.num_parameters(), "steps": step,
+        "name": run.kind, "budget": run.budget, "lr": run.lr, "dropout": settings.dropout, "seed": settings.seed,
+        "params": model.num_parameters(), "steps": step,
         "tokens": tokens, "train_time_s": train_time, "tokens_per_s": tokens / train_time,
         "val_loss": mean_loss(model, *test_windows(data.validation, settings.context), settings.batch_size, device),
         "test_loss": mean_loss(model, *test_windows(data.test, settings.context), settings.batch_size, device),
@@ -429,8 +466,8 @@ def train_one(run: Run, shape: dict, settings: Settings, data: TokenData) -> dic
 
 def training_settings(settings: Settings) -> dict:
     """The settings a finished run depends on: a saved run is reused only when these are unchanged."""
-    ignored = ("models", "budgets", "lr", "lr_grid", "grid_time_s", "time_budget_s", "eval_every", "device",
-               "num_threads", "jobs", "output_dir")
+    ignored = ("models", "budgets", "lr", "lr_grid", "grid_time_s", "dropout_grid", "seeds", "time_budget_s",
+               "eval_every", "device", "num_threads", "jobs", "output_dir")
     return {k: v for k, v in asdict(settings).items() if k not in ignored}
 
 
@@ -440,15 +477,18 @@ def train_all(runs: list[Run], shapes: dict, settings: Settings, data: TokenData
     for run in runs:
         path = runs_dir / run.file_name
         saved = json.loads(path.read_text()) if path.is_file() else None
-        if saved is not None and saved["settings"] == training_settings(settings) and \
+        if saved is not None and saved["settings"] == training_settings(run_settings(settings, run)) and \
                 saved["time_budget_s"] == run.time_budget_s and saved["steps_budget"] == settings.max_steps:
             print(f"[{run.budget}] {run.kind} lr {run.lr:g}: reusing {path}", flush=True)
+            # Runs saved before dropout and seeds were varied lack these two; their settings hold them.
+            saved.setdefault("dropout", saved["settings"]["dropout"])
+            saved.setdefault("seed", saved["settings"]["seed"])
             results[run] = saved
         else:
             todo.append(run)
 
     def save(run: Run, result: dict) -> None:
-        result.update(settings=training_settings(settings), time_budget_s=run.time_budget_s,
+        result.update(settings=training_settings(run_settings(settings, run)), time_budget_s=run.time_budget_s,
                       steps_budget=settings.max_steps)
         runs_dir.mkdir(parents=True, exist_ok=True)
         (runs_dir / run.file_name).write_text(json.dumps(result, indent=1) + "\n")
@@ -460,9 +500,10 @@ def train_all(runs: list[Run], shapes: dict, settings: Settings, data: TokenData
     else:
         # Separate processes, not threads: each run's CPU-time clock then counts only its own work.
         with ProcessPoolExecutor(settings.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {run: pool.submit(train_one, run, shapes[run.kind], settings, data) for run in todo}
-            for run, future in futures.items():
-                save(run, future.result())
+            futures = {pool.submit(train_one, run, shapes[run.kind], settings, data): run for run in todo}
+            # Saved as each finishes, not in submission order, so an interruption loses only the runs in flight.
+            for future in as_completed(futures):
+                save(futures[future], future.result())
     return [results[run] for run in runs]
 
 
@@ -480,7 +521,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     time_unit = "CPU s" if device.type == "cpu" else "s"
 
     best_lr = {kind: settings.lr for kind in settings.models}
+    best_dropout = {kind: settings.dropout for kind in settings.models}
+    seeds = settings.seeds or [settings.seed]
     results, grid, time_budget_s = [], [], settings.time_budget_s
+    dropout_grids = {}  # budget -> the runs of its dropout grid
     for budget in settings.budgets:
         if budget == "grid":
             grid = train_all([Run(kind, "grid", lr, settings.grid_time_s) for kind in settings.models
@@ -493,23 +537,49 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if budget == "time" and time_budget_s is None:
             reference = next((r for r in results if r["name"] in ("llama", "gpt2")), results[0])
             time_budget_s = reference["train_time_s"]
-        results += train_all([Run(kind, budget, best_lr[kind], time_budget_s if budget == "time" else None)
-                              for kind in settings.models], shapes, settings, data, runs_dir)
+        budget_s = time_budget_s if budget == "time" else None
+        if settings.dropout_grid:
+            dropout_grids[budget] = train_all([
+                make_run(kind, budget, best_lr[kind], budget_s, settings, dropout=p)
+                for kind in settings.models for p in settings.dropout_grid], shapes, settings, data, runs_dir)
+            for kind in settings.models:
+                best = min((r for r in dropout_grids[budget] if r["name"] == kind), key=lambda r: r["val_loss"])
+                best_dropout[kind] = best["dropout"]
+        # The seed-`seed` run at the chosen dropout is the dropout grid's, reused from runs/.
+        results += train_all([make_run(kind, budget, best_lr[kind], budget_s, settings, dropout=best_dropout[kind],
+                                       seed=seed) for kind in settings.models for seed in seeds],
+                             shapes, settings, data, runs_dir)
 
     describe = {"grid": f"{settings.grid_time_s:g} {time_unit}, best lr", "steps": f"{settings.max_steps} steps",
                 "time": f"{time_budget_s:.0f} {time_unit}" if time_budget_s is not None else "-"}
     char_shakespeare = settings.tokenizer == "char" and settings.data is None
     rows = [[
         describe[run["budget"]], run["name"], ", ".join(f"{k}={v}" for k, v in run["shape"].items()) or "-",
-        f"{run['params']:,}", f"{run['lr']:g}", run["steps"], f"{run['tokens']:,}",
+        f"{run['params']:,}", f"{run['lr']:g}", f"{run['dropout']:g}", run["seed"], run["steps"], f"{run['tokens']:,}",
         f"{run['tokens'] / len(data.train):.1f}", f"{run['train_time_s']:.0f}",
         f"{run['tokens_per_s']:,.0f}", f"{run['val_loss']:.4f}", f"{run['test_loss']:.4f}",
     ] + ([PAPER_TEST_LOSS.get(run["name"], "-")] if char_shakespeare else []) for run in results]
     table = markdown_table(
-        ["budget", "model", "matched by", "params", "lr", "steps", "train tokens", "epochs", f"train time ({time_unit})",
-         f"tokens/{time_unit}", "val loss", "test loss"] + (["paper test loss (6x384, 5000 steps)"] if char_shakespeare else []),
+        ["budget", "model", "matched by", "params", "lr", "dropout", "seed", "steps", "train tokens", "epochs",
+         f"train time ({time_unit})", f"tokens/{time_unit}", "val loss", "test loss"]
+        + (["paper test loss (6x384, 5000 steps)"] if char_shakespeare else []),
         rows,
     )
+    if len(seeds) > 1:
+        table = f"{seed_summary(results, seeds, describe, len(data.train))}\n\nEvery run:\n\n{table}"
+    for budget, runs in reversed(dropout_grids.items()):
+        cells = {(r["name"], r["dropout"]): r for r in runs}
+        def cell(kind, p, cells=cells, best_dropout=best_dropout):
+            val = f"{cells[kind, p]['val_loss']:.4f}"
+            return (f"**{val}**" if p == best_dropout[kind] else val) + f" / {cells[kind, p]['test_loss']:.4f}"
+
+        dropout_rows = [[kind, f"{best_lr[kind]:g}"] + [cell(kind, p) for p in settings.dropout_grid]
+                        for kind in settings.models]
+        dropout_table = markdown_table(["model", "lr"] + [f"dropout {p:g}" for p in settings.dropout_grid],
+                                       dropout_rows)
+        table = (f"Dropout grid, {describe[budget]}, seed {settings.seed}: validation / test loss at each model's "
+                 f"best rate (the lowest validation loss in bold is the dropout of the final runs):\n\n"
+                 f"{dropout_table}\n\n{table}")
     if grid:
         lrs = settings.lr_grid
         cells = {(r["name"], r["lr"]): r for r in grid}
@@ -519,19 +589,55 @@ def main(argv: list[str] | None = None) -> list[dict]:
         grid_table = markdown_table(["model"] + [f"lr {lr:g}" for lr in lrs], grid_rows)
         table = (f"Learning-rate grid: validation loss after {settings.grid_time_s:g} {time_unit} of training "
                  f"(best in bold):\n\n{grid_table}\n\nResults (each model at its best learning rate):\n\n{table}")
+    dropout = (f"dropout tuned per model over {settings.dropout_grid}" if settings.dropout_grid
+               else f"dropout {settings.dropout}")
     header = (
         f"{data.description}: {settings.num_hidden_layers} layers x {settings.hidden_size}, context "
-        f"{settings.context}, batch {settings.batch_size}, dropout {settings.dropout}, lr -> {settings.min_lr:g} "
+        f"{settings.context}, batch {settings.batch_size}, {dropout}, lr -> {settings.min_lr:g} "
         f"cosine ({settings.warmup_steps / settings.max_steps:.0%} warmup); loss = mean cross-entropy (nats per token) "
         f"over the whole split; {device_name(device)}."
     )
-    histories = {f"{run['name']} ({run['budget']})": run["history"] for run in results}
+
+    def label(run: dict, *varied: str) -> str:
+        return " ".join([run["name"]] + [f"{key} {run[key]:g}" for key in varied])
+
+    varied = ("seed",) if len(seeds) > 1 else ()
+    histories = {f"{label(run, *varied)} ({run['budget']})": run["history"] for run in results}
+    histories.update({f"{label(run, 'dropout')} ({budget}, dropout grid)": run["history"]
+                      for budget, runs in dropout_grids.items() for run in runs})
     write_results(output_dir, table, header, histories, settings)
     for budget in settings.budgets:
-        plot_curves({run["name"]: run["history"] for run in results if run["budget"] == budget}, "val_loss",
-                    "validation loss (sampled windows)", f"{header}\nbudget: {describe[budget]}",
-                    output_dir / f"curves_{budget}.png", time_label=f"training time ({time_unit})")
+        plot_curves({label(run, *(varied if budget != "grid" else ())): run["history"] for run in results
+                     if run["budget"] == budget}, "val_loss", "validation loss (sampled windows)",
+                    f"{header}\nbudget: {describe[budget]}", output_dir / f"curves_{budget}.png",
+                    time_label=f"training time ({time_unit})")
+        if budget in dropout_grids:
+            plot_curves({label(run, "dropout"): run["history"] for run in dropout_grids[budget]}, "val_loss",
+                        "validation loss (sampled windows)",
+                        f"{header}\nbudget: {describe[budget]}, dropout grid (seed {settings.seed})",
+                        output_dir / f"curves_{budget}_dropout.png", time_label=f"training time ({time_unit})")
     return results
+
+
+def seed_summary(results: list[dict], seeds: list[int], describe: dict, train_tokens: int) -> str:
+    """Per budget and model, the mean and the range (min, max) over the seeds of the final runs' numbers."""
+    rows = []
+    for budget in dict.fromkeys(run["budget"] for run in results if run["budget"] != "grid"):
+        for kind in dict.fromkeys(run["name"] for run in results if run["budget"] == budget):
+            runs = [run for run in results if run["budget"] == budget and run["name"] == kind]
+
+            def spread(key: str, runs=runs) -> str:
+                values = [run[key] for run in runs]
+                return f"{sum(values) / len(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
+
+            rows.append([describe[budget], kind, f"{runs[0]['lr']:g}", f"{runs[0]['dropout']:g}", len(runs),
+                         f"{sum(run['steps'] for run in runs) / len(runs):,.0f}",
+                         f"{sum(run['tokens'] for run in runs) / len(runs) / train_tokens:.1f}",
+                         spread("val_loss"), spread("test_loss")])
+    table = markdown_table(["budget", "model", "lr", "dropout", "seeds", "steps (mean)", "epochs (mean)",
+                            "val loss, mean [min, max]", "test loss, mean [min, max]"], rows)
+    return (f"Over seeds {', '.join(map(str, seeds))} (weights and batch order; mean and [min, max]; "
+            f"a difference is a difference only where the ranges do not overlap):\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,8 @@ def test_selective_copying_smoke(tmp_path):
     (["--tokenizer", "wordpiece"], "--tokenizer wordpiece"),
     (["--data", "embedded"], "--tokenizer bpe"),
     (["--models", "mingru,rwkv"], "--models mingru,rwkv"),
+    (["--dropout-grid", "0,1.5"], "--dropout-grid"),
+    (["--seeds", "1,1"], "must not repeat"),
 ])
 def test_shakespeare_rejects_bad_settings(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -175,6 +177,46 @@ def test_shakespeare_smoke(tmp_path, capsys):
     again = shakespeare.main(argv)
     assert capsys.readouterr().out.count(": reusing ") == 4 * len(models)
     assert [run["test_loss"] for run in again] == [run["test_loss"] for run in runs]
+
+
+def test_shakespeare_dropout_grid_then_seeds(tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
+    models = ["mingru", "llama"]
+    argv = [
+        "--data", str(data), "--models", ",".join(models), "--budgets", "steps", "--lr", "1e-2",
+        "--dropout", "0", "--dropout-grid", "0,0.3", "--seed", "5", "--seeds", "5,6",
+        "--hidden-size", "32", "--num-hidden-layers", "1", "--num-heads", "2", "--context", "16",
+        "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1",
+        "--num-threads", "1", "--jobs", "2", "--output-dir", str(tmp_path / "out"),
+    ]
+    runs = shakespeare.main(argv)
+    runs_dir = tmp_path / "out" / "runs"
+    # Runs at the settings' dropout and seed keep the names they had before dropout and seeds were varied.
+    grid = {(kind, dropout): json.loads((runs_dir / f"steps-{kind}-lr0.01{suffix}.json").read_text())
+            for kind in models for dropout, suffix in ((0.0, ""), (0.3, "-dropout0.3"))}
+    assert [(run["name"], run["seed"]) for run in runs] == [(kind, seed) for kind in models for seed in (5, 6)]
+    for kind in models:
+        assert grid[kind, 0.0]["dropout"] == 0.0 and grid[kind, 0.3]["dropout"] == 0.3
+        assert grid[kind, 0.0]["val_loss"] != grid[kind, 0.3]["val_loss"]
+        best = min((grid[kind, 0.0], grid[kind, 0.3]), key=lambda run: run["val_loss"])
+        first, second = (run for run in runs if run["name"] == kind)
+        # Every seed at the dropout with the lowest validation loss; seed 5 there is the dropout grid's own run.
+        assert first["dropout"] == second["dropout"] == best["dropout"] and first["test_loss"] == best["test_loss"]
+        # The other seed draws other weights and batches.
+        assert second["settings"]["seed"] == 6 and second["test_loss"] != first["test_loss"]
+    results = (tmp_path / "out" / "results.md").read_text()
+    assert "Dropout grid" in results and "Over seeds 5, 6" in results and "| mingru | 0.01 |" in results
+    assert (tmp_path / "out" / "curves_steps_dropout.png").exists()
+    # A run saved before runs recorded their dropout and seed is still reused, and reported with both.
+    saved = json.loads((runs_dir / "steps-llama-lr0.01.json").read_text())
+    del saved["dropout"], saved["seed"]
+    (runs_dir / "steps-llama-lr0.01.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    again = shakespeare.main(argv)
+    assert capsys.readouterr().out.count(": reusing ") == 4 * len(models)
+    assert [(run["dropout"], run["seed"], run["test_loss"]) for run in again] == \
+        [(run["dropout"], run["seed"], run["test_loss"]) for run in runs]
 
 
 def test_shakespeare_bpe_smoke(tmp_path):
