@@ -41,6 +41,9 @@ QUANTIZATIONS = (None, "int8")
 ONNX_FILES = {"decode": "model.onnx", "prefill": "prefill.onnx"}
 ONNX_DATA_FILE = "model.onnx.data"
 EXECUTORCH_FILE = "model.pte"
+# The weights, outside the program (ExecuTorch's program-data separation): its store keeps each distinct blob once,
+# so the tied embedding (read by the program) and head (packed by XNNPACK) share one copy.
+EXECUTORCH_DATA_FILE = "model.ptd"
 EXECUTORCH_METHODS = {"decode": "forward", "prefill": "prefill"}
 _RUNTIME_PACKAGES = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
@@ -225,7 +228,8 @@ def export_onnx(model, out_dir: Path, quantize: str | None = None, prefill_lengt
 
 
 def _quantize_pt2e_int8(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """XNNPACK's int8 scheme: per-channel symmetric int8 weights, int8 activations quantized per call (dynamic)."""
+    """XNNPACK's int8 scheme: per-channel symmetric int8 weights, int8 activations quantized per call (dynamic). A
+    tied embedding reads the head's int8 matrix (`_embedding_from_int8_head`)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -236,17 +240,78 @@ def _quantize_pt2e_int8(program: torch.export.ExportedProgram) -> torch.export.E
     example = tuple(program.example_inputs[0])
     prepared = prepare_pt2e(program.module(), quantizer)
     prepared(*example)  # dynamic activation scales: one pass only inserts the observers' shapes
-    converted = convert_pt2e(prepared)
+    converted = _embedding_from_int8_head(convert_pt2e(prepared))
     with torch.no_grad():
         return torch.export.export(converted, example)
 
 
+def _embedding_from_int8_head(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make a tied embedding gather rows of the head's int8 matrix (ExecuTorch's `embedding_byte`: int8 rows times
+    their per-row scales) instead of the fp32 matrix, so the file holds the tied weights once, in int8.
+
+    XNNPACK's per-channel scales of the head are per vocabulary row, exactly an embedding's per-row scales. The head is
+    found by value: the int8 matrix whose dequantized values are the embedding's weights to within half a step."""
+    from executorch.exir.passes import quant_fusion_pass  # noqa: F401  (defines quantized_decomposed.embedding_byte)
+
+    ops = torch.ops.quantized_decomposed
+
+    def tensor(node):
+        return _attr(module, node.target)
+
+    graph = module.graph
+    heads = [n for n in graph.nodes if n.target == ops.dequantize_per_channel.default and n.args[3] == 0]
+    for embedding in [n for n in graph.nodes if n.target == torch.ops.aten.embedding.default]:
+        weight_node, indices = embedding.args[:2]
+        weight = tensor(weight_node)
+        for head in heads:
+            q_node, scale_node = head.args[:2]
+            q, scale = tensor(q_node), tensor(scale_node)
+            if q.dtype != torch.int8 or q.shape != weight.shape:
+                continue
+            if not ((q.float() * scale[:, None] - weight).abs() <= 0.5001 * scale[:, None]).all():
+                continue
+            with graph.inserting_before(embedding):
+                rows = graph.call_function(
+                    ops.embedding_byte.default, (q_node, scale_node, None, head.args[4], head.args[5], indices)
+                )
+            embedding.replace_all_uses_with(rows)
+            graph.erase_node(embedding)
+            if not weight_node.users:
+                graph.erase_node(weight_node)
+            break
+    graph.lint()
+    module.recompile()
+    return module
+
+
+def _attr(module: nn.Module, target: str) -> torch.Tensor:
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def _weights_to_data_file(program: torch.export.ExportedProgram) -> None:
+    """Send every weight XNNPACK takes to the external data file (the program's own weights go there through
+    `ExecutorchBackendConfig(external_constants=...)`)."""
+    signature = program.graph_signature
+    weights = {
+        *signature.inputs_to_parameters, *signature.inputs_to_buffers, *signature.inputs_to_lifted_tensor_constants
+    }
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in weights:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = _EXECUTORCH_DATA_TAG
+
+
+_EXECUTORCH_DATA_TAG = EXECUTORCH_DATA_FILE.removesuffix(".ptd")
+
+
 def export_executorch(model, out_dir: Path, quantize: str | None = None, prefill_length: int = 64) -> list[str]:
     """Write `model.pte` with two methods, `forward` (one token) and `prefill` (`prefill_length` tokens), lowered
-    to XNNPACK. `quantize="int8"`: XNNPACK's dynamic int8 quantization of the linear layers. Returns the file names."""
+    to XNNPACK, and their weights in `model.ptd`. `quantize="int8"`: XNNPACK's dynamic int8 quantization of the
+    linear layers, and the tied embedding from the int8 head. Returns the file names."""
     require_runtime("executorch")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     programs = {}
     for kind, seq_len in (("decode", 1), ("prefill", prefill_length)):
@@ -254,11 +319,17 @@ def export_executorch(model, out_dir: Path, quantize: str | None = None, prefill
         program = export_program(model, seq_len, max_batch=None)
         if quantize == "int8":
             program = _quantize_pt2e_int8(program)
+        _weights_to_data_file(program)
         programs[EXECUTORCH_METHODS[kind]] = program
-    lowered = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()]).to_executorch()
+    lowered = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()]).to_executorch(
+        ExecutorchBackendConfig(external_constants=lambda node: _EXECUTORCH_DATA_TAG)
+    )
     with open(out_dir / EXECUTORCH_FILE, "wb") as f:
         lowered.write_to_file(f)
-    return [EXECUTORCH_FILE]
+    lowered.write_tensor_data_to_file(str(out_dir))
+    if not (out_dir / EXECUTORCH_DATA_FILE).is_file():
+        raise RuntimeError(f"ExecuTorch wrote no {EXECUTORCH_DATA_FILE} to {out_dir}: its data file naming changed.")
+    return [EXECUTORCH_FILE, EXECUTORCH_DATA_FILE]
 
 
 def metadata(model, fmt: str, quantize: str | None, prefill_length: int, files: list[str]) -> dict:
@@ -327,6 +398,22 @@ def export(
     return out_dir
 
 
+def _load_executorch_quantized_kernels() -> None:
+    """Register ExecuTorch's quantized kernels (`embedding_byte` of an int8 program) with its Python runtime, which
+    ships them as a library beside its own but does not load them; a device build links them (`quantized_ops_lib`)."""
+    import ctypes
+
+    from executorch.runtime import Runtime
+
+    if "quantized_decomposed::embedding_byte.out" in Runtime.get().operator_registry.operator_names:
+        return  # loaded already, or a runtime that ships them
+    package = Path(next(iter(importlib.util.find_spec("executorch").submodule_search_locations)))
+    library = package / "lib" / "libexecutorch_kernels_quantized.so"
+    if not library.is_file():
+        raise RuntimeError(f"int8 ExecuTorch programs need ExecuTorch's quantized kernels; {library} is missing.")
+    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+
+
 class ExportedModel:
     """Run an exported folder with its runtime (onnxruntime or ExecuTorch's), holding nothing but the graphs.
 
@@ -353,7 +440,11 @@ class ExportedModel:
                 from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
                 _unsafe_reset_threadpool(num_threads)
-            self._program = Runtime.get().load_program(self.path / EXECUTORCH_FILE)
+            if self.meta["quantization"] == "int8":
+                _load_executorch_quantized_kernels()
+            self._program = Runtime.get().load_program(
+                self.path / EXECUTORCH_FILE, data_path=self.path / EXECUTORCH_DATA_FILE
+            )
 
     def _method(self, kind: str):
         if kind not in self._methods:

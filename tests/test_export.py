@@ -196,6 +196,30 @@ def test_int8_export_agrees_with_fp32(fmt, tmp_path_factory):
         assert (folder / "model.onnx.data").stat().st_size < 0.5 * sum(p.numel() * 4 for p in model.parameters())
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_executorch_stores_the_tied_matrix_once(quantize, tmp_path):
+    """The tied embedding/head (here 98% of the weights) is in the files once: in fp32, and in int8 when quantized
+    (the embedding gathers the head's int8 rows). Stored twice, it would add a whole copy to the bound."""
+    pytest.importorskip("executorch")
+    torch.manual_seed(0)
+    config = MinRNNConfig(vocab_size=8192, hidden_size=32, num_hidden_layers=1, conv_kernel=4, intermediate_size=0)
+    model = MinRNNForCausalLM(config).eval()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    tied = model.lm_head.weight.numel() * (1 if quantize else 4)
+    weights = sum(p.numel() for p in model.parameters()) * (1 if quantize else 4)
+    export_module.export(model, tmp_path, "executorch", quantize=quantize, prefill_length=PREFILL)
+    assert sum(f.stat().st_size for f in tmp_path.glob("model.pt*")) < weights + tied // 2
+
+    ids = torch.randint(0, config.vocab_size, (1, PREFILL + 3), generator=torch.Generator().manual_seed(4))
+    logits, _ = ExportedModel(tmp_path).forward(ids)
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+    if quantize:
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    else:
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
 def test_torchao_int8_through_from_pretrained_agrees_with_fp32(tmp_path):
     """int8 weights the transformers way, with bf16 activations (with fp32 ones int8 is slower than fp32 on CPU)."""
     pytest.importorskip("torchao")
