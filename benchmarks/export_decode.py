@@ -11,17 +11,21 @@ all in one process so the ratios hold for the machine of the run. Rows:
   `include_input_output_embeddings=True`);
 - the exported step graph (`modeling_minrnn.export`) in onnxruntime and ExecuTorch (XNNPACK), fp32 and int8, started
   from the state PyTorch computed for the prompt (a state handed over, as `MinRNNCache.save` files are);
-- a transformers Llama with the same width, depth, vocabulary and parameter count (MLP 2560), eager fp32, whose KV
-  cache grows with the prompt;
+- `torch.compile` of the step with the state as fixed-shape tensors (`ExplicitStateLM`: a minrnn cache is static by
+  construction), fp32 and torchao int8; compiled once per thread count (Inductor builds its thread count in);
+- a transformers Llama with the same width, depth, vocabulary and parameter count (MLP 2560), whose KV cache grows
+  with the prompt: eager fp32, and in ExecuTorch (XNNPACK, fp32) through transformers' own
+  `TorchExportableModuleForDecoderOnlyLM` with a static KV cache sized for each context (prompt + 64 positions), as a
+  device deployment sizes it; its steps are timed at the positions after the context (the cost of a step does not
+  depend on the cache's contents);
 - the weight-read floor: the bytes of weights a decode step must read (every matrix once; the embedding one row)
   divided by the memory bandwidth measured here (a sum over a 1 GiB tensor) at the same thread count.
 
 Also the size on disk of each format and, for each int8 path, its next-token argmax agreement with fp32 (teacher
 forced over a held-out token sequence). The weights are random (speed does not depend on them), so the agreement is a
-measure of numerical fidelity, not of text quality. Writes `export_decode.{md,json,png}` under `--out`. The run took
-19 minutes on 2 shared CPU cores, three quarters of it the four exports of the 124M model.
-Not covered: `torch.compile` with the static cache (its compilation alone takes minutes on two cores) and the Llama
-in the exported runtimes (optimum's exporters pin older transformers). `--quick`: a tiny model, seconds.
+measure of numerical fidelity, not of text quality. Writes `export_decode.{md,json,png}` under `--out`.
+Not covered: the Llama in onnxruntime (transformers' exportable module targets `torch.export`/ExecuTorch; its ONNX
+export with a growing KV cache needs optimum, which pins older transformers). `--quick`: a tiny model, a minute.
 """
 
 import argparse
@@ -40,7 +44,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, To
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from modeling_minrnn import MinRNNCache, MinRNNConfig, MinRNNForCausalLM
-from modeling_minrnn.export import ExportedModel, export
+from modeling_minrnn.cache_minrnn import layer_states
+from modeling_minrnn.export import ExplicitStateLM, ExportedModel, export
 
 MINGRU_124M = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, intermediate_size=3072, conv_kernel=4)
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128, conv_kernel=4)
@@ -72,6 +77,54 @@ def exported_stepper(runner: ExportedModel, state):
     def step(token):
         logits, holder["state"] = runner.forward(token, holder["state"])
         return logits.argmax(-1, keepdim=True)
+
+    return step
+
+
+def compiled_stepper(compiled, state_file, model, conv_dtype=torch.float32):
+    """Steps of `compiled` (a `torch.compile`d `ExplicitStateLM`) from the saved state."""
+    states = layer_states(MinRNNCache.load(state_file, model))
+    holder = {"past": [*(s.conv.to(conv_dtype) for s in states if s.conv is not None), *(s.h for s in states)]}
+
+    def step(token):
+        with torch.no_grad():
+            logits, *holder["past"] = compiled(token, *holder["past"])
+        return logits[:, -1:].argmax(-1)
+
+    return step
+
+
+def export_llama_executorch(llama, max_cache_len: int, path: Path) -> None:
+    """The Llama's one-token step with a static KV cache of `max_cache_len`, through transformers' exportable module,
+    lowered to XNNPACK (fp32). Inputs: `input_ids` `(1, 1)`, `cache_position` `(1,)`."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    llama.generation_config = GenerationConfig(
+        use_cache=True, cache_implementation="static", max_length=max_cache_len,
+        cache_config={"batch_size": 1, "max_cache_len": max_cache_len},
+    )
+    program = TorchExportableModuleForDecoderOnlyLM(llama).export(
+        input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0])
+    )
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    path.write_bytes(lowered.buffer)
+
+
+def llama_executorch_stepper(path: Path, context: int):
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+
+    _unsafe_reset_threadpool(torch.get_num_threads())  # ExecuTorch's one process-wide pool
+    method = Runtime.get().load_program(path).load_method("forward")
+    holder = {"position": context}
+
+    def step(token):
+        logits = method.execute([token, torch.tensor([holder["position"]])])[0]
+        holder["position"] += 1
+        return logits[:, -1:].argmax(-1)
 
     return step
 
@@ -184,18 +237,39 @@ def main(argv=None):
         bf16 = bf16.to(torch.bfloat16)
         sizes["PyTorch bf16"] = sizes["PyTorch fp32 (safetensors)"] / 2
 
+        # Each context's prompt state (a file, as a saved prompt is) and the Llama's KV cache, computed once.
+        prompts = {}
+        torch.set_num_threads(max(args.threads))
         for context in args.contexts:
             prompt = torch.randint(0, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(2))
-            torch.set_num_threads(max(args.threads))
             with torch.no_grad():
                 prefilled = model.prefill(prompt, chunk_size=4096)
                 llama_out = llama(prompt, use_cache=True)
-            first = prefilled.logits[:, -1:].argmax(-1)
-            state_file = work / "state.safetensors"
+            state_file = work / f"state-{context}.safetensors"
             MinRNNCache.from_cache(prefilled.cache).save(state_file, model)
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                bandwidth = memory_bandwidth_gbs(threads)
+            prompts[context] = (state_file, prefilled.logits[:, -1:].argmax(-1), llama_out)
+        llama_programs = {}
+        if "executorch" in args.formats:
+            for context in args.contexts:
+                start = time.time()
+                llama_programs[context] = work / f"llama-{context}.pte"
+                export_llama_executorch(llama, context + 64, llama_programs[context])
+                notes.append(f"Llama ExecuTorch (cache {context + 64}): exported in {time.time() - start:.0f} s")
+        if llama_programs:
+            sizes["Llama ExecuTorch fp32"] = min(p.stat().st_size for p in llama_programs.values()) / 1e6
+
+        print(f"exports and prompts done ({time.time() - started:.0f} s); timing", flush=True)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            bandwidth = memory_bandwidth_gbs(threads)
+            bandwidths[threads] = bandwidth
+            torch._dynamo.reset()  # Inductor's kernels keep the thread count they were compiled with
+            compiled = {
+                name: torch.compile(ExplicitStateLM(m), fullgraph=True, dynamic=False)
+                for name, m in (("fp32", model), ("int8", quantized))
+            }
+            for context in args.contexts:
+                state_file, first, llama_out = prompts[context]
 
                 def add(method, ms, kind="minGRU", threads=threads, context=context):
                     rows.append(dict(method=method, kind=kind, threads=threads, context=context, ms=ms))
@@ -206,16 +280,26 @@ def main(argv=None):
                 add("PyTorch eager bf16", timed_steps(bf16_stepper, first, args.steps))
                 int8_stepper = torch_stepper(quantized, bf16_cache(state_file, model))
                 add("torchao int8 (bf16 act.)", timed_steps(int8_stepper, first, args.steps))
+                start = time.time()
+                add("torch.compile fp32", timed_steps(compiled_stepper(compiled["fp32"], state_file, model), first,
+                                                      args.steps))
+                add("torch.compile torchao int8 (bf16 act.)", timed_steps(
+                    compiled_stepper(compiled["int8"], state_file, model, torch.bfloat16), first, args.steps))
+                notes.append(f"torch.compile rows, {threads} thr, ctx {context}: {time.time() - start:.0f} s")
                 for name, folder in runners.items():
                     runner = ExportedModel(folder, num_threads=threads)
                     state = runner.load_state(state_file)
                     add(name, timed_steps(exported_stepper(runner, state), first, args.steps))
+                llama_first = llama_out.logits[:, -1:].argmax(-1)
                 add("Llama eager fp32", timed_steps(torch_stepper(llama, _copy_cache(llama_out.past_key_values)),
-                                                    llama_out.logits[:, -1:].argmax(-1), args.steps), kind="Llama")
+                                                    llama_first, args.steps), kind="Llama")
+                if context in llama_programs:
+                    add("Llama ExecuTorch fp32", timed_steps(
+                        llama_executorch_stepper(llama_programs[context], context), llama_first, args.steps),
+                        kind="Llama")
                 for label, bytes_per_weight in (("weight-read floor fp32", 4), ("weight-read floor int8", 1)):
                     add(label, 1000 * decode_weight_bytes(model, bytes_per_weight) / (bandwidth * 1e9), kind="floor")
-                bandwidths[threads] = bandwidth
-                print(f"context {context}, {threads} thread(s): done ({time.time() - started:.0f} s)", flush=True)
+                print(f"{threads} thread(s), context {context}: done ({time.time() - started:.0f} s)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -291,9 +375,8 @@ def report(result, args) -> str:
         "|---|---:|",
         *(f"| {name} | {share:.1%} |" for name, share in result["int8_agreement"].items()),
         "",
-        "Notes: " + "; ".join(result["notes"]) + ". Not measured: `torch.compile` with the static cache (minutes of "
-        "compilation on two cores) and the Llama in onnxruntime/ExecuTorch (no exporter for its KV cache that works "
-        "with this transformers).",
+        "Notes: " + "; ".join(result["notes"]) + ". Not measured: the Llama in onnxruntime (its ONNX export with a "
+        "growing KV cache needs optimum, which pins older transformers).",
         "",
     ]
     return "\n".join(lines)

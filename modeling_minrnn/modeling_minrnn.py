@@ -45,7 +45,8 @@ class MinRNNMixer(nn.Module):
         self.conv_kernel = config.conv_kernel
         self.scan_backend = config.scan_backend
         self.cell_type = config.cell_type
-        self.n_gates, self.log_gates = CELLS[config.cell_type].projections, CELLS[config.cell_type].log_gates
+        cell = CELLS[config.cell_type]
+        self.n_gates, self.log_gates, self.step_gates = cell.projections, cell.log_gates, cell.step_gates
         if self.conv_kernel > 0:
             self.conv1d = nn.Conv1d(
                 self.hidden_size, self.hidden_size, self.conv_kernel, groups=self.hidden_size,
@@ -97,9 +98,14 @@ class MinRNNMixer(nn.Module):
                 out = torch.addcmul(out, tap, weight[self.conv_kernel - 1 - lag])
             return out
         if seq_len == 1 and total >= self.conv_kernel:
-            # One decoding step is a dot product over the window; a conv1d call costs ~5x more at batch 1.
-            window = x[..., total - self.conv_kernel :]
-            return ((window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias).unsqueeze(1)
+            # One decoding step is a dot product over the window, tap by tap: a conv1d call costs ~5x more at batch
+            # 1, and elementwise multiply-adds stay inside an exported graph's fast kernels (XNNPACK), a sum does not.
+            weight = self.conv1d.weight.squeeze(1)  # (hidden, conv_kernel)
+            out = self.conv1d.bias.unsqueeze(-1)
+            for tap in range(self.conv_kernel):  # (batch, hidden, 1) slices: a select, too, leaves XNNPACK's graph
+                start = total - self.conv_kernel + tap
+                out = torch.addcmul(out, x[..., start : start + 1], weight[:, tap : tap + 1])
+            return out.transpose(1, 2)
         return self.conv1d(x)[..., total - seq_len : total].transpose(1, 2)
 
     def forward(
@@ -127,9 +133,20 @@ class MinRNNMixer(nn.Module):
                 register_tokens(cache, self.layer_idx, hidden_states.transpose(1, 2), 0)
 
         projections = self.in_proj(x)
-        if resolve_backend(self.scan_backend, projections) == "cpu":
+        backend = resolve_backend(self.scan_backend, projections)
+        if backend == "cpu":
             # The native kernel computes the same gates inside the scan: a third of the memory traffic.
             states = cpu_cell_scan(self.cell_type, projections, padding_mask, initial_state, reset)
+        elif backend == "chunked" and projections.shape[1] == 1 and reset is None:
+            # One token (a decoding step, and the step graph of an export): no scan, h = a * h + b.
+            width = projections.shape[-1] // self.n_gates  # slices, not chunk: a split leaves XNNPACK's graph
+            gates = [projections[..., i * width : (i + 1) * width].to(torch.float32) for i in range(self.n_gates)]
+            a, b = self.step_gates(*gates)
+            states = b if initial_state is None else torch.addcmul(b, a, initial_state.unsqueeze(1).to(torch.float32))
+            if padding_mask is not None:
+                # A padded token leaves the state as it was (a = 1, b = 0).
+                before = torch.zeros_like(states) if initial_state is None else initial_state.unsqueeze(1).float()
+                states = torch.where(padding_mask.unsqueeze(-1), states, before)
         else:
             # Gates in fp32 whatever the weights' dtype: the state accumulates over the whole sequence.
             log_a, log_b = self.log_gates(*projections.float().chunk(self.n_gates, dim=-1))

@@ -6,7 +6,7 @@ from conftest import tiny_config, tiny_model
 from transformers import DynamicCache
 
 from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
-from modeling_minrnn.cells import log_g, mingru_log_gates, minlstm_log_gates
+from modeling_minrnn.cells import g, log_g, mingru_log_gates, mingru_step_gates, minlstm_log_gates, minlstm_step_gates
 
 CELLS_AND_CONVS = [("mingru", 4), ("mingru", 0), ("minlstm", 4), ("minlstm", 0)]
 
@@ -29,9 +29,24 @@ def test_gates_follow_the_paper():
     torch.testing.assert_close(log_b.exp(), i_ / (f_ + i_) * log_g(h_tilde).exp())
 
 
+def test_one_token_gates_equal_the_log_space_ones():
+    """The linear-space gates of a single step (no scan) are the log-space gates, exponentiated; `g` is the paper's
+    at, below and above 0."""
+    x = torch.cat([torch.linspace(-30, 30, 1001), torch.tensor([0.0, -0.0, 1e-7, -1e-7])]).double()
+    torch.testing.assert_close(g(x), torch.where(x >= 0, x + 0.5, torch.sigmoid(x)), rtol=0, atol=1e-15)
+    for step_gates, log_gates, n in ((mingru_step_gates, mingru_log_gates, 2), (minlstm_step_gates, minlstm_log_gates, 3)):
+        projections = (torch.randn(n, 4000, generator=torch.Generator().manual_seed(n)) * 8).double()
+        a, b = step_gates(*projections)
+        log_a, log_b = log_gates(*projections)
+        torch.testing.assert_close(a, log_a.exp(), rtol=1e-7, atol=0)  # fp64; a wrong formula is off by O(1)
+        torch.testing.assert_close(b, log_b.exp(), rtol=1e-7, atol=0)
+
+
+# "chunked" decodes one token without a scan (`step_gates`); "auto" on CPU, with the native kernel.
+@pytest.mark.parametrize("backend", ["auto", "chunked"])
 @pytest.mark.parametrize("cell_type,conv_kernel", CELLS_AND_CONVS)
-def test_full_forward_equals_cached_prefix_suffix_and_token_by_token(cell_type, conv_kernel):
-    model = tiny_model(cell_type=cell_type, conv_kernel=conv_kernel)
+def test_full_forward_equals_cached_prefix_suffix_and_token_by_token(cell_type, conv_kernel, backend):
+    model = tiny_model(cell_type=cell_type, conv_kernel=conv_kernel, scan_backend=backend)
     ids = torch.randint(3, 48, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits

@@ -235,6 +235,30 @@ def test_nan_or_inf_at_padding_never_reaches_real_tokens(backend, bad):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "chunked"])
+def test_a_padded_decoding_step_leaves_the_state_unchanged(backend):
+    """One token through the cache with its position masked leaves the recurrent state as it was, and decoding on
+    gives what one forward over the whole masked sequence gives (each backend's one-token path against its scan)."""
+    model = tiny_model(scan_backend=backend)
+    ids = torch.randint(3, 48, (2, 7), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, 5] = 0  # row 0's sixth token is padding, row 1's is real
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits[:, 5:]
+        cache = model(ids[:, :5], use_cache=True).cache
+        before = [layer.recurrent_states[0].clone() for layer in cache.layers]
+        steps = [model(ids[:, t : t + 1], cache=cache, attention_mask=mask[:, : t + 1]).logits for t in (5, 6)]
+    torch.testing.assert_close(torch.cat(steps, 1)[1], expected[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steps[1][0], expected[0, 1:], rtol=1e-5, atol=1e-5)
+    # After the padded step row 0's state was that of five tokens; row 1's moved on.
+    with torch.no_grad():
+        cache = model(ids[:, :5], use_cache=True).cache
+        model(ids[:, 5:6], cache=cache, attention_mask=mask[:, :6])
+    for layer, old in zip(cache.layers, before):
+        torch.testing.assert_close(layer.recurrent_states[0][0], old[0], rtol=0, atol=0)
+        assert not torch.equal(layer.recurrent_states[0][1], old[1])
+
+
 # ---- End to end: the Trainer with transformers' and TRL's packing collators. ----
 
 TEXTS = ["To be, or not to be", "that is", "the question:", "Whether 'tis nobler", "in the mind", "to suffer"]
