@@ -34,7 +34,8 @@ def test_one_token_gates_equal_the_log_space_ones():
     at, below and above 0."""
     x = torch.cat([torch.linspace(-30, 30, 1001), torch.tensor([0.0, -0.0, 1e-7, -1e-7])]).double()
     torch.testing.assert_close(g(x), torch.where(x >= 0, x + 0.5, torch.sigmoid(x)), rtol=0, atol=1e-15)
-    for step_gates, log_gates, n in ((mingru_step_gates, mingru_log_gates, 2), (minlstm_step_gates, minlstm_log_gates, 3)):
+    cells = ((mingru_step_gates, mingru_log_gates, 2), (minlstm_step_gates, minlstm_log_gates, 3))
+    for step_gates, log_gates, n in cells:
         projections = (torch.randn(n, 4000, generator=torch.Generator().manual_seed(n)) * 8).double()
         a, b = step_gates(*projections)
         log_a, log_b = log_gates(*projections)
