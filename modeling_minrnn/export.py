@@ -44,6 +44,7 @@ EXECUTORCH_FILE = "model.pte"
 # The weights, outside the program (ExecuTorch's program-data separation): its store keeps each distinct blob once,
 # so the tied embedding (read by the program) and head (packed by XNNPACK) share one copy.
 EXECUTORCH_DATA_FILE = "model.ptd"
+_EXECUTORCH_DATA_TAG = EXECUTORCH_DATA_FILE.removesuffix(".ptd")  # ExecuTorch names the file after the tag
 EXECUTORCH_METHODS = {"decode": "forward", "prefill": "prefill"}
 _RUNTIME_PACKAGES = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
@@ -254,18 +255,14 @@ def _embedding_from_int8_head(module: torch.fx.GraphModule) -> torch.fx.GraphMod
     from executorch.exir.passes import quant_fusion_pass  # noqa: F401  (defines quantized_decomposed.embedding_byte)
 
     ops = torch.ops.quantized_decomposed
-
-    def tensor(node):
-        return _attr(module, node.target)
-
     graph = module.graph
     heads = [n for n in graph.nodes if n.target == ops.dequantize_per_channel.default and n.args[3] == 0]
     for embedding in [n for n in graph.nodes if n.target == torch.ops.aten.embedding.default]:
         weight_node, indices = embedding.args[:2]
-        weight = tensor(weight_node)
+        weight = _attr(module, weight_node.target)
         for head in heads:
             q_node, scale_node = head.args[:2]
-            q, scale = tensor(q_node), tensor(scale_node)
+            q, scale = _attr(module, q_node.target), _attr(module, scale_node.target)
             if q.dtype != torch.int8 or q.shape != weight.shape:
                 continue
             if not ((q.float() * scale[:, None] - weight).abs() <= 0.5001 * scale[:, None]).all():
@@ -301,8 +298,6 @@ def _weights_to_data_file(program: torch.export.ExportedProgram) -> None:
         if node.op == "placeholder" and node.name in weights:
             node.meta.setdefault("custom", {})["delegate_constant_tag"] = _EXECUTORCH_DATA_TAG
 
-
-_EXECUTORCH_DATA_TAG = EXECUTORCH_DATA_FILE.removesuffix(".ptd")
 
 
 def export_executorch(model, out_dir: Path, quantize: str | None = None, prefill_length: int = 64) -> list[str]:

@@ -142,11 +142,11 @@ class MinRNNMixer(nn.Module):
             width = projections.shape[-1] // self.n_gates  # slices, not chunk: a split leaves XNNPACK's graph
             gates = [projections[..., i * width : (i + 1) * width].to(torch.float32) for i in range(self.n_gates)]
             a, b = self.step_gates(*gates)
-            states = b if initial_state is None else torch.addcmul(b, a, initial_state.unsqueeze(1).to(torch.float32))
+            previous = None if initial_state is None else initial_state.unsqueeze(1).to(torch.float32)
+            states = b if previous is None else torch.addcmul(b, a, previous)
             if padding_mask is not None:
                 # A padded token leaves the state as it was (a = 1, b = 0).
-                before = torch.zeros_like(states) if initial_state is None else initial_state.unsqueeze(1).float()
-                states = torch.where(padding_mask.unsqueeze(-1), states, before)
+                states = torch.where(padding_mask.unsqueeze(-1), states, 0.0 if previous is None else previous)
         else:
             # Gates in fp32 whatever the weights' dtype: the state accumulates over the whole sequence.
             log_a, log_b = self.log_gates(*projections.float().chunk(self.n_gates, dim=-1))
