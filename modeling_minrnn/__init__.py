@@ -1,32 +1,44 @@
-"""minrnn: minGRU / minLSTM causal language models as transformers models.
+"""minrnn: minGRU / minLSTM language models as transformers models: a causal LM and sequence / token classifiers.
 
-Importing the package registers model_type "minrnn" with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, and
-marks the classes for remote code, so `save_pretrained` writes the code files and an `auto_map` that
-`from_pretrained(..., trust_remote_code=True)` loads where this package is not installed.
+Importing the package registers model_type "minrnn" with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
+`AutoModelForSequenceClassification` and `AutoModelForTokenClassification`, and marks the classes for remote code, so
+`save_pretrained` writes the code files and an `auto_map` that `from_pretrained(..., trust_remote_code=True)` loads
+where this package is not installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import transformers
+from transformers import AutoConfig
 
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
-from .modeling_minrnn import MinRNNForCausalLM, MinRNNModel, MinRNNPreTrainedModel
+from .modeling_minrnn import (
+    AUTO_CLASSES,
+    MinRNNForCausalLM,
+    MinRNNForSequenceClassification,
+    MinRNNForTokenClassification,
+    MinRNNModel,
+    MinRNNPreTrainedModel,
+)
+from .packing import check_input_values
 from .scan import SCAN_BACKENDS, linear_recurrence
 
 __version__ = "0.2.0"
 
 AutoConfig.register(MinRNNConfig.model_type, MinRNNConfig, exist_ok=True)
-AutoModel.register(MinRNNConfig, MinRNNModel, exist_ok=True)
-AutoModelForCausalLM.register(MinRNNConfig, MinRNNForCausalLM, exist_ok=True)
 MinRNNConfig.register_for_auto_class()
-MinRNNModel.register_for_auto_class("AutoModel")
-MinRNNForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for _auto_class, _model_class in AUTO_CLASSES.items():
+    getattr(transformers, _auto_class).register(MinRNNConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class)
 
 __all__ = [
     "MinRNNCache",
     "MinRNNConfig",
     "MinRNNForCausalLM",
+    "MinRNNForSequenceClassification",
+    "MinRNNForTokenClassification",
     "MinRNNModel",
     "MinRNNPreTrainedModel",
     "SCAN_BACKENDS",
+    "check_input_values",
     "linear_recurrence",
 ]

@@ -4,8 +4,12 @@ A minGRU/minLSTM block's whole past is its conv window (the last `conv_kernel` i
 declares one `"linear_attention"` layer per block, so transformers' own `DynamicCache(config=...)` holds them in
 `LinearAttentionLayer`s, which also count the tokens consumed (`get_seq_length`) and, once past recording is on
 (`activate_past_recording`, switched on by assisted and prompt-lookup decoding), keep the states a `crop` rolls back
-to. `forward` and `generate()` use that plain cache. `MinRNNCache` is a `DynamicCache` whose layers add only the row
-operations (`batch_repeat_interleave`, `batch_select_indices`) and whose cache adds state files and concatenation.
+to. `forward` and `generate()` use that plain cache. `MinRNNCache` is that same `DynamicCache` plus row operations
+(`batch_repeat_interleave`, `batch_select_indices`), concatenation and state files.
+
+Everything here goes through the `Cache`'s public methods (`get_conv_state`, `get_recurrent_state`,
+`update_conv_state`, `update_recurrent_state`, `has_previous_state`, `reorder_cache`, `crop`); `_layer_internals` is
+the one place that reads or writes a layer's fields, for the three things transformers 5.25 has no method for.
 """
 
 import hashlib
@@ -14,12 +18,36 @@ import os
 from typing import NamedTuple
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin, LinearAttentionLayer
+from transformers.cache_utils import Cache, DynamicCache
+
+from .configuration_minrnn import MinRNNConfig
 
 STATE_FORMAT = "minrnn-state"
 STATE_FORMAT_VERSION = "1"
 # The model settings a state depends on, checked in this order when a state is loaded.
 IDENTITY_FIELDS = ("cell_type", "num_hidden_layers", "hidden_size", "recurrent_size", "conv_kernel")
+
+
+class _LayerInternals(NamedTuple):
+    conv_kernel: int  # the conv window's width, what `crop(0)` trims a recording window back to
+    recorded: int  # the states recorded since the last `crop`, i.e. how far back `crop` can go
+
+
+def _layer_internals(cache: Cache, layer_idx: int, token_count: int | None = None) -> _LayerInternals:
+    """The one adapter to fields of transformers' `LinearAttentionLayer` (5.25), for the API it lacks:
+
+    - no getter for the conv kernel size a layer was initialised with (`conv_kernel_size`): a window recorded for
+      rollback is wider, and a snapshot keeps only the last `conv_kernel` inputs;
+    - no getter for the number of recorded states (`recurrent_states_history`): `crop` beyond it fails inside
+      transformers with an IndexError instead of saying what is missing;
+    - no setter for the token count `get_seq_length` reports (`cumulative_length_linear`; `increase_count` adds one
+      per call): a cache rebuilt from a snapshot (state file, concatenation) reports the tokens it has consumed.
+    """
+    layer = cache.layers[layer_idx]
+    if token_count is not None:
+        layer.cumulative_length_linear.fill_(token_count)
+    recorded = len(layer.recurrent_states_history[0]) if cache.is_recording_past(layer_idx) else 0
+    return _LayerInternals(layer.conv_kernel_size[0], recorded)
 
 
 def register_tokens(cache: Cache, layer_idx: int, inputs: torch.Tensor, conv_kernel: int) -> torch.Tensor:
@@ -34,55 +62,16 @@ def register_tokens(cache: Cache, layer_idx: int, inputs: torch.Tensor, conv_ker
 def forget_before(cache: Cache, layer_idx: int, newest: torch.Tensor) -> None:
     """Keep only the `newest` `(batch, 1)` inputs of each row's cached conv window, the rest as the zeros a sequence
     starts from: a packed sequence that started `newest` tokens ago continues in the next call, the ones before it
-    must not reach it."""
-    window = cache.layers[layer_idx].conv_states[0]
+    must not reach it. Edits the window `get_conv_state` returns in place, as transformers' own fused conv updates
+    (`causal_conv1d_update`) do."""
+    window = cache.get_conv_state(layer_idx)
     age = torch.arange(window.shape[-1] - 1, -1, -1, device=window.device)  # 0 = the newest input
     window.masked_fill_((age >= newest).unsqueeze(1), 0.0)
 
 
-class MinRNNCacheLayer(LinearAttentionLayer):
-    """transformers' `LinearAttentionLayer` with the row operations it lacks (forking a prompt's state for several
-    continuations, selecting rows) and a `crop` that says what is missing instead of failing inside transformers."""
-
-    def _map_rows(self, fn) -> None:
-        for i in range(self.number_of_states):
-            if self.is_conv_states_initialized[i]:
-                self.conv_states[i] = fn(self.conv_states[i])
-            if self.is_recurrent_states_initialized[i]:
-                self.recurrent_states[i] = fn(self.recurrent_states[i])
-            if self.record_past:
-                self.recurrent_states_history[i] = [fn(state) for state in self.recurrent_states_history[i]]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"`crop` takes a negative number of tokens to remove; got {tokens_to_remove}. Use `crop(-n)` to forget "
-                "the last n tokens."
-            )
-        recorded = len(self.recurrent_states_history[0]) if self.record_past else 0
-        if -tokens_to_remove > recorded:
-            raise ValueError(
-                f"`crop({tokens_to_remove})` needs the state {-tokens_to_remove} tokens back, but this layer recorded "
-                f"only the last {recorded} (record_past={self.record_past}). Call `cache.activate_past_recording()` "
-                "before the forwards you may want to undo."
-            )
-        super().crop(tokens_to_remove)
-        kernel = self.conv_kernel_size[0]
-        if self.is_conv_states_initialized[0] and self.conv_states[0].shape[-1] < kernel:
-            # Fewer inputs than the kernel seen so far: the missing ones are the sequence start's zeros.
-            window = self.conv_states[0]
-            self.conv_states[0] = torch.nn.functional.pad(window, (kernel - window.shape[-1], 0))
-
-
 class MinRNNCache(DynamicCache):
-    """A `DynamicCache` of `MinRNNCacheLayer`s: accepted wherever `DynamicCache(config=model.config)` is; in addition
-    it forks and selects rows, concatenates caches, and saves to / loads from a state file.
+    """`DynamicCache(config=config)` (one `LinearAttentionLayer` per block), accepted wherever that is; in addition it
+    forks and selects rows, concatenates caches, and saves to / loads from a state file.
 
     Args:
         config: the model's `MinRNNConfig`.
@@ -90,20 +79,56 @@ class MinRNNCache(DynamicCache):
     """
 
     def __init__(self, config, offloading: bool = False):
-        layers = [MinRNNCacheLayer() for _ in range(config.num_hidden_layers)]
-        Cache.__init__(self, layers=layers, offloading=offloading)
+        super().__init__(config=config, offloading=offloading)
+
+    def _rows(self) -> int:
+        state = self.get_recurrent_state(0) if self.has_previous_state(0) else None
+        if state is None:
+            raise ValueError("The cache holds no state yet: run a prompt through it before forking or selecting rows.")
+        if any(self.is_recording_past(i) for i in range(len(self.layers))):
+            raise ValueError(
+                "The cache is recording states for rollback (assisted decoding); call `cache.crop(0)` to end the "
+                "recording before forking or selecting rows."
+            )
+        return state.shape[0]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Fork each row's state into `repeats` consecutive rows (e.g. several continuations of one prompt)."""
+        self.reorder_cache(torch.arange(self._rows()).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows `indices` (integer indices or a bool mask), in that order."""
+        rows = torch.arange(self._rows())[torch.as_tensor(indices, device="cpu")]
+        self.reorder_cache(rows)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """`Cache.crop`, saying what is missing instead of failing inside transformers: a negative number of tokens,
+        at most as many as recorded since `activate_past_recording` (or the last crop)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes a negative number of tokens to remove; got {tokens_to_remove}. Use `crop(-n)` to forget "
+                "the last n tokens."
+            )
+        for i in range(len(self.layers)):
+            recorded = _layer_internals(self, i).recorded
+            if -tokens_to_remove > recorded:
+                raise ValueError(
+                    f"`crop({tokens_to_remove})` needs the state {-tokens_to_remove} tokens back, but this cache "
+                    f"recorded only the last {recorded} (recording: {self.is_recording_past(i)}). Call "
+                    "`cache.activate_past_recording()` before the forwards you may want to undo."
+                )
+        super().crop(tokens_to_remove)
 
     @classmethod
     def from_layer_states(cls, states: list["LayerState"], seen_tokens: int = 0) -> "MinRNNCache":
         """A cache holding one `LayerState` per block (what `layer_states` returns); `seen_tokens` is what
         `get_seq_length()` then reports."""
-        cache = cls.__new__(cls)
-        Cache.__init__(cache, layers=[MinRNNCacheLayer() for _ in states])
-        for i, (layer, (h, conv)) in enumerate(zip(cache.layers, states)):
+        cache = cls(MinRNNConfig(num_hidden_layers=len(states)))
+        for i, (h, conv) in enumerate(states):
             window = conv if conv is not None else h.new_zeros(h.shape[0], 0, 1)
             register_tokens(cache, i, window, 0 if conv is None else conv.shape[-1])
-            layer.update_recurrent_state(h)
-            layer.cumulative_length_linear.fill_(seen_tokens)
+            cache.update_recurrent_state(h, i)
+            _layer_internals(cache, i, token_count=seen_tokens)
         return cache
 
     @classmethod
@@ -181,22 +206,21 @@ class LayerState(NamedTuple):
 def layer_states(cache: Cache) -> list[LayerState]:
     """Every block's `LayerState` in any cache a model has run through (a `DynamicCache(config=...)` or a
     `MinRNNCache`), as views: the cache overwrites them in place on its next forward."""
-    layers = getattr(cache, "layers", [])
-    if not layers or not all(
-        isinstance(layer, LinearAttentionCacheLayerMixin) and layer.has_previous_state[0] for layer in layers
-    ):
+    layers = range(len(getattr(cache, "layers", [])))
+    if not layers or not all(cache.is_linear) or not all(cache.has_previous_state(i) for i in layers):
         raise ValueError(
             "The cache holds no state for some block: run the prompt through it first (`model(ids, cache=cache)`)."
         )
     states = []
-    for layer in layers:
-        window, kernel = layer.conv_states[0], layer.conv_kernel_size[0]
+    for i in layers:
+        window = cache.get_conv_state(i)
         if window.shape[1] == 0:  # the zero-channel window of a model without a conv
             window = None
         else:  # while past recording is on, older inputs come before the window
+            kernel = _layer_internals(cache, i).conv_kernel
             window = window[..., -kernel:]
             window = torch.nn.functional.pad(window, (kernel - window.shape[-1], 0))
-        states.append(LayerState(layer.recurrent_states[0], window))
+        states.append(LayerState(cache.get_recurrent_state(i), window))
     return states
 
 
@@ -236,4 +260,4 @@ def weights_fingerprint(model, samples_per_tensor: int = 1024) -> str:
     return digest.hexdigest()[:32]
 
 
-__all__ = ["LayerState", "MinRNNCache", "MinRNNCacheLayer", "layer_states", "save_state"]
+__all__ = ["LayerState", "MinRNNCache", "layer_states", "save_state"]

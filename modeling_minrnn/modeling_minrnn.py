@@ -1,6 +1,7 @@
 """minGRU / minLSTM causal language models ("Were RNNs All We Needed?", Feng et al. 2024, arXiv:2410.01201).
 
-Reading order: mixer (conv + cell + projection) -> block -> pretrained base -> model -> LM head.
+Reading order: mixer (conv + cell + projection) -> block -> pretrained base -> model -> heads (causal LM, sequence
+and token classification).
 The recurrence lives in `scan.py`, the cells' gates in `cells.py`; this file wires them into blocks and a model.
 """
 
@@ -8,14 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import can_return_tuple
+from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .cache_minrnn import forget_before, register_tokens
@@ -207,9 +214,17 @@ class MinRNNPreTrainedModel(PreTrainedModel):
     config: MinRNNConfig
     base_model_prefix = "model"
     _no_split_modules = ["MinRNNBlock"]
+    _input_embed_layer = "embeddings"  # found by transformers' `get_input_embeddings` on the model and every head
     supports_gradient_checkpointing = True
     # transformers' output recording: `output_hidden_states` collects each block's input and the final output.
     _can_record_outputs = {"hidden_states": MinRNNBlock}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Every class of the family in the saved `auto_map`, whichever one is saved: with only the remote code, a
+        # causal LM checkpoint then loads as a classifier too (`AutoModelForSequenceClassification`, ...).
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -241,15 +256,13 @@ def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
-    layers = getattr(cache, "layers", [])
-    if len(layers) < config.num_hidden_layers or not all(
-        isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers[: config.num_hidden_layers]
-    ):
+    linear = getattr(cache, "is_linear", [])
+    if len(linear) < config.num_hidden_layers or not all(linear[: config.num_hidden_layers]):
         raise ValueError(
             "`cache` must hold one linear-attention layer per block: create it with `MinRNNCache(model.config)` "
             "(or `DynamicCache(config=model.config)`) or take the `cache` returned by a previous forward/generate."
         )
-    state = layers[0].recurrent_states[0] if layers[0].has_previous_state[0] else None
+    state = cache.get_recurrent_state(0)
     if state is not None and state.shape[0] != batch_size:
         raise ValueError(
             f"`cache` holds states for batch size {state.shape[0]} but the input has batch size {batch_size}; to "
@@ -260,8 +273,7 @@ def _check_cache(cache: Cache, config: MinRNNConfig, batch_size: int):
 
 def _continuation_mask(prompt: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None):
     """The attention mask that makes `generate` read `prompt` by the rule in `MinRNNForCausalLM.generate`."""
-    layers = getattr(cache, "layers", None)
-    if not layers or not getattr(layers[0], "has_previous_state", {0: False})[0]:
+    if not any(getattr(cache, "is_linear", [])[:1]) or not cache.has_previous_state(0):
         return attention_mask  # an empty cache: the prompt is the whole sequence
     seen, length = int(cache.get_seq_length()), prompt.shape[1]
     if attention_mask is not None and attention_mask.shape[1] != length:
@@ -289,12 +301,6 @@ class MinRNNModel(MinRNNPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.embeddings = new_embeddings
-
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     @capture_outputs
@@ -305,13 +311,7 @@ class MinRNNModel(MinRNNPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cu_seq_lens_q: torch.Tensor | None = None,
-        cu_seq_lens_k: torch.Tensor | None = None,
-        max_length_q: int | None = None,
-        max_length_k: int | None = None,
-        seq_idx: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids; give these or `inputs_embeds`.
@@ -322,16 +322,13 @@ class MinRNNModel(MinRNNPreTrainedModel):
             `DynamicCache(config=...)` or one returned by an earlier call); updated in place with the state after
             these tokens. `past_key_values` and `cache_params` are deprecated aliases.
         use_cache (`bool`): create a cache when none is given, and return it.
-        output_hidden_states (`bool`): also return the input of every block and the final output (recorded by
-            transformers' `capture_outputs`); `return_dict=False` returns a tuple.
-        position_ids (`(batch, seq)` or `(1, seq)`): packed sequences (`DataCollatorWithFlattening`, TRL packing):
-            a position 0 after the row's first real token starts a new sequence, where the state and the conv window
-            restart. Ordinary positions (0..seq-1, offsets after a cache, left padding) start nothing.
-        cu_seq_lens_q / cu_seq_lens_k (`(num_sequences + 1,)`): packed sequences as cumulative lengths over the
-            flattened `(batch * seq)` tokens, as the varlen attention kernels take them. `max_length_q/k`: their
-            longest sequence (checked, not needed).
-        seq_idx (`(batch, seq)` int): packed sequences as the index of the sequence each token belongs to.
-            Whichever packing inputs are given must agree; see `packing.sequence_starts`.
+        kwargs (transformers' `TransformersKwargs`): `output_hidden_states` returns the input of every block and the
+            final output (recorded by transformers' `capture_outputs`); `return_dict=False` returns a tuple.
+            Packed sequences (`DataCollatorWithFlattening`, TRL packing) restart the state and the conv window where
+            a new sequence starts, marked by any of `position_ids` (`(batch, seq)` or `(1, seq)`: a 0 after the
+            row's first real token; ordinary positions start nothing), `cu_seq_lens_q/k` (cumulative lengths over
+            the flattened `(batch * seq)` tokens, with `max_length_q/k`) or `seq_idx` (`(batch, seq)`, the index of
+            each token's sequence); whichever are given must agree (see `packing.sequence_starts`).
         """
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
 
@@ -340,7 +337,7 @@ class MinRNNModel(MinRNNPreTrainedModel):
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"`input_ids` must have shape (batch, seq); got {tuple(input_ids.shape)}.")
-            if checks_values(input_ids):
+            if checks_values():
                 _check_token_range(input_ids, self.config.vocab_size)
             inputs_embeds = self.embeddings(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
@@ -363,16 +360,13 @@ class MinRNNModel(MinRNNPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if cache is not None:
             _check_cache(cache, self.config, batch_size)
-        has_state = cache is not None and cache.layers[0].has_previous_state[0]
+        has_state = cache is not None and cache.has_previous_state(0)
         padding_mask = padding_mask_from(attention_mask, batch_size, seq_len, has_state)
         if padding_mask is not None:
             # Whatever a padded position's embedding holds (NaN, inf) stays out of every later computation, its
             # gradients included: each block only ever sees zeros there.
             inputs_embeds = inputs_embeds.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
-        reset = sequence_starts(
-            batch_size, seq_len, padding_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
-            seq_idx, inputs_embeds.device,
-        )
+        reset = sequence_starts(batch_size, seq_len, padding_mask, inputs_embeds.device, kwargs)
 
         hidden_states = self.dropout(inputs_embeds)
         for block in self.layers:
@@ -390,12 +384,6 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings):
-        self.model.set_input_embeddings(new_embeddings)
-
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -408,13 +396,7 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        position_ids: torch.LongTensor | None = None,
-        cu_seq_lens_q: torch.Tensor | None = None,
-        cu_seq_lens_k: torch.Tensor | None = None,
-        max_length_q: int | None = None,
-        max_length_k: int | None = None,
-        seq_idx: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq)`): targets for the next-token loss; shifted inside the
@@ -422,23 +404,11 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             the loss over gradient-accumulation steps.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (or these indices).
 
-        Other arguments (`output_hidden_states` and the packing inputs `position_ids`, `cu_seq_lens_q/k`,
-        `max_length_q/k`, `seq_idx` among them) as in `MinRNNModel.forward`.
+        Other arguments (`output_hidden_states` and the packing inputs among them) as in `MinRNNModel.forward`.
         """
         outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            use_cache=use_cache,
-            return_dict=True,
-            position_ids=position_ids,
-            cu_seq_lens_q=cu_seq_lens_q,
-            cu_seq_lens_k=cu_seq_lens_k,
-            max_length_q=max_length_q,
-            max_length_k=max_length_k,
-            seq_idx=seq_idx,
-            **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+            use_cache=use_cache, return_dict=True, **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
@@ -514,4 +484,112 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         return chunked_backward(self, input_ids, labels, attention_mask, chunk_size, num_items_in_batch)
 
 
-__all__ = ["MinRNNForCausalLM", "MinRNNModel", "MinRNNPreTrainedModel"]
+class MinRNNForSequenceClassification(MinRNNPreTrainedModel):
+    """`num_labels` scores from the final hidden state of each row's last real token, as transformers' decoder
+    models classify (`GenericForSequenceClassification`): the state there has read the whole sequence."""
+
+    def __init__(self, config: MinRNNConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MinRNNModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def last_real_token(self, input_ids, attention_mask, batch_size: int, seq_len: int, device) -> torch.Tensor:
+        """`(batch,)` index of each row's last real token, left or right padding alike: the last position the
+        `attention_mask` marks (its last `seq_len` columns), or else, as transformers does, the last token that is
+        not `pad_token_id`; the last position when neither tells padding apart."""
+        if attention_mask is not None:
+            real = attention_mask[:, attention_mask.shape[1] - seq_len :].to(device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids.to(device) != self.config.pad_token_id
+        elif batch_size > 1:
+            raise ValueError(
+                "Rows of a batch may be padded: pass `attention_mask` (or set `config.pad_token_id` and pass "
+                "`input_ids`) so that each row is classified at its last real token."
+            )
+        else:
+            return torch.full((batch_size,), seq_len - 1, device=device)
+        positions = torch.arange(seq_len, device=device)
+        return torch.where(real, positions, 0).amax(dim=1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        labels (`(batch,)`): class indices (`num_labels > 1`, cross-entropy), targets (`num_labels == 1`, mean
+            squared error) or `(batch, num_labels)` multi-hot floats (`problem_type="multi_label_classification"`).
+
+        Other arguments (a `cache`, packing inputs...) as in `MinRNNModel.forward`.
+        """
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        batch_size, seq_len = hidden_states.shape[:2]
+        last = self.last_real_token(input_ids, attention_mask, batch_size, seq_len, hidden_states.device)
+        pooled_logits = self.score(hidden_states[torch.arange(batch_size, device=hidden_states.device), last])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled_logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+class MinRNNForTokenClassification(MinRNNPreTrainedModel):
+    """`num_labels` scores for every token, from its final hidden state (which has read the tokens up to it)."""
+
+    def __init__(self, config: MinRNNConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MinRNNModel(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TokenClassifierOutput:
+        r"""
+        labels (`(batch, seq)`): each token's class index; `-100` (padding, continuation pieces of a word) is ignored.
+
+        Other arguments as in `MinRNNModel.forward`.
+        """
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, config=self.config, **kwargs)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+# Each class under the Auto class that loads it: registered by the package, written into every checkpoint's
+# `auto_map` (as `module.Class`, the form remote code is loaded by).
+AUTO_CLASSES = {
+    "AutoModel": MinRNNModel,
+    "AutoModelForCausalLM": MinRNNForCausalLM,
+    "AutoModelForSequenceClassification": MinRNNForSequenceClassification,
+    "AutoModelForTokenClassification": MinRNNForTokenClassification,
+}
+AUTO_MAP = {auto: f"{__name__.rsplit('.', 1)[-1]}.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()}
+
+__all__ = [
+    "MinRNNForCausalLM",
+    "MinRNNForSequenceClassification",
+    "MinRNNForTokenClassification",
+    "MinRNNModel",
+    "MinRNNPreTrainedModel",
+]
