@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, To
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from modeling_minrnn import MinRNNCache, MinRNNConfig, MinRNNForCausalLM
-from modeling_minrnn.cache_minrnn import layer_states
+from modeling_minrnn.cache_minrnn import LayerState, layer_states
 from modeling_minrnn.export import ExplicitStateLM, ExportedModel, export
 
 MINGRU_124M = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, intermediate_size=3072, conv_kernel=4)
@@ -323,10 +323,8 @@ def main(argv=None):
 def bf16_cache(state_file, model):
     """The saved state for a bf16 copy of `model` (or its torchao one): the conv window in bf16, `h` in fp32."""
     cache = MinRNNCache.load(state_file, model)
-    for layer in cache.layers:
-        if layer.is_conv_states_initialized[0]:
-            layer.conv_states[0] = layer.conv_states[0].to(torch.bfloat16)
-    return cache
+    states = [LayerState(h, None if conv is None else conv.to(torch.bfloat16)) for h, conv in layer_states(cache)]
+    return MinRNNCache.from_layer_states(states, int(cache.get_seq_length()))
 
 
 def _copy_cache(cache):

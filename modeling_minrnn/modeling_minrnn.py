@@ -29,7 +29,7 @@ from .cache_minrnn import forget_before, register_tokens
 from .cells import CELLS
 from .configuration_minrnn import MinRNNConfig
 from .long_sequence import ChunkedBackwardOutput, chunked_backward
-from .packing import checks_values, padding_mask_from, sequence_starts
+from .packing import check_mask_values, checks_values, padding_mask_from, sequence_starts
 from .scan import linear_recurrence, resolve_backend
 from .scan_cpu import cpu_cell_scan
 
@@ -441,6 +441,8 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
                 )
             # Once per call, not in every decoding step's forward (a host-device sync on an accelerator).
             _check_token_range(prompt, self.config.vocab_size)
+            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                check_mask_values(kwargs["attention_mask"])
             if kwargs.get("cache") is not None:
                 kwargs["attention_mask"] = _continuation_mask(prompt, kwargs["cache"], kwargs.get("attention_mask"))
         return super().generate(inputs, *args, **kwargs)

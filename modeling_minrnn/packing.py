@@ -53,15 +53,22 @@ def padding_mask_from(attention_mask: torch.Tensor | None, batch_size: int, seq_
             f"too when a cache is passed); got {tuple(attention_mask.shape)}."
         )
     mask = attention_mask[:, attention_mask.shape[1] - seq_len :]
-    if checks_values() and mask.dtype != torch.bool:
-        bad = mask[(mask != 0) & (mask != 1)]
-        if bad.numel():
-            raise ValueError(
-                f"`attention_mask` must hold only 0 (padding) and 1 (real token), or be bool; got "
-                f"{sorted(set(bad.unique()[:5].tolist()))}. An additive mask (0 / -inf) is not accepted: pass the "
-                "tokenizer's 0/1 mask."
-            )
+    if checks_values():
+        check_mask_values(mask)
     return mask.bool()
+
+
+def check_mask_values(attention_mask: torch.Tensor) -> None:
+    """Refuse an attention mask holding anything but 0 and 1 (an additive 0 / -inf mask, say); reads its values."""
+    if attention_mask.dtype == torch.bool:
+        return
+    bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+    if bad.numel():
+        raise ValueError(
+            f"`attention_mask` must hold only 0 (padding) and 1 (real token), or be bool; got "
+            f"{sorted(set(bad.unique()[:5].tolist()))}. An additive mask (0 / -inf) is not accepted: pass the "
+            "tokenizer's 0/1 mask."
+        )
 
 
 def _starts_from_cu_seq_lens(name, cu_seq_lens, max_length, batch_size, seq_len, device):

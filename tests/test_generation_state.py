@@ -166,17 +166,20 @@ def test_plain_dynamic_cache_rolls_back_for_assisted_decoding():
 
 def test_states_are_recorded_only_while_transformers_asks_for_it():
     model = tiny_model()
+    cache = MinRNNCache(model.config)
     with torch.no_grad():
-        out = model(prompt(200), use_cache=True)
-        assert not out.cache.is_recording_past(0)  # plain forward: nothing kept
-        out.cache.activate_past_recording()
-        model(prompt(30), cache=out.cache)
-    layer = out.cache.layers[0]
-    # The state before each of the 30 tokens, kept until the next crop; crop(0) drops them.
-    assert len(layer.recurrent_states_history[0]) == 30
-    out.cache.crop(0)
-    assert len(layer.recurrent_states_history[0]) == 0
-    assert layer.conv_states[0].shape[-1] == model.config.conv_kernel
+        model(prompt(200), cache=cache)
+        assert not cache.is_recording_past(0)  # plain forward: nothing kept
+        cache.activate_past_recording()
+        model(prompt(30), cache=cache)
+    # The inputs and states of each of the 30 tokens, kept until the next crop; crop(0) drops them.
+    assert cache.get_conv_state(0).shape[-1] == model.config.conv_kernel + 30
+    with pytest.raises(ValueError, match="recorded only the last 30"):
+        cache.crop(-31)
+    cache.crop(0)
+    assert cache.get_conv_state(0).shape[-1] == model.config.conv_kernel
+    with pytest.raises(ValueError, match="recorded only the last 0"):
+        cache.crop(-1)
 
 
 # --- chunked prefill ------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_torch_dtype_loading(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.model.embeddings.weight.dtype == torch.bfloat16
     out = loaded(torch.randint(3, 48, (1, 5)), use_cache=True)
-    assert out.cache.layers[0].recurrent_states[0].dtype == torch.float32  # the state stays fp32
+    assert out.cache.get_recurrent_state(0).dtype == torch.float32  # the state stays fp32
 
 
 def test_remote_code_loads_where_the_package_is_not_importable(tmp_path):

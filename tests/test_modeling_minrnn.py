@@ -3,9 +3,10 @@
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
+from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM, check_input_values
 from modeling_minrnn.cells import g, log_g, mingru_log_gates, mingru_step_gates, minlstm_log_gates, minlstm_step_gates
 
 CELLS_AND_CONVS = [("mingru", 4), ("mingru", 0), ("minlstm", 4), ("minlstm", 0)]
@@ -95,7 +96,7 @@ def test_bf16_weights_stay_close_to_fp32():
         ref = model(ids).logits
         model_bf16 = tiny_model(initializer_range=0.1).to(torch.bfloat16)
         out = model_bf16(ids, use_cache=True)
-        assert out.cache.layers[0].recurrent_states[0].dtype == torch.float32
+        assert out.cache.get_recurrent_state(0).dtype == torch.float32
         assert (out.logits.float() - ref).abs().max().item() < 0.15
 
 
@@ -285,10 +286,11 @@ def test_invalid_config_values_are_rejected(kwargs, message):
 def test_bad_inputs_get_clear_errors():
     model = tiny_model()
     ids = torch.randint(3, 48, (2, 5))
-    with pytest.raises(ValueError, match="vocab_size=48"):
-        model(torch.tensor([[3, 48]]))
-    with pytest.raises(ValueError, match="vocab_size=48"):
-        model(torch.tensor([[-1, 3]]))
+    for bad in (torch.tensor([[3, 48]]), torch.tensor([[-1, 3]])):
+        with pytest.raises(ValueError, match="vocab_size=48"):
+            model.generate(bad, max_new_tokens=1)  # once per call
+        with check_input_values(), pytest.raises(ValueError, match="vocab_size=48"):
+            model(bad)  # every forward, when asked
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="attention_mask"):
@@ -324,7 +326,7 @@ def test_empty_sequence_gets_one_clear_error():
 def test_attention_mask_other_than_0_and_1_is_refused(values):
     model = tiny_model()
     ids = torch.randint(3, 48, (1, 3))
-    with pytest.raises(ValueError, match=r"`attention_mask` must hold only 0 \(padding\) and 1 \(real token\)"):
+    with check_input_values(), pytest.raises(ValueError, match=r"`attention_mask` must hold only 0 \(padding\) and 1"):
         model(ids, attention_mask=torch.tensor([values]))
     with pytest.raises(ValueError, match="attention_mask"):
         model.generate(ids, attention_mask=torch.tensor([values]), max_new_tokens=2)
@@ -358,3 +360,43 @@ def test_without_expansion_the_cell_is_the_papers_layer(cell_type, n_gates):
     mixer = tiny_model(cell_type=cell_type, expansion_factor=1).model.layers[0].mixer
     assert isinstance(mixer.out_proj, torch.nn.Identity)
     assert mixer.in_proj.weight.shape == (n_gates * 32, 32)
+
+
+class _OpLog(TorchDispatchMode):
+    """Every aten op a computation runs, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("conv_kernel", [4, 0])
+def test_one_code_path_on_every_device(conv_kernel):
+    """The same ops run on CPU as on `meta` tensors (which hold no values, so no branch can depend on one): with
+    padding, every packing input and a cache, prefill and a decoding step. No op reads a value back to the host."""
+
+    def run(device):
+        model = tiny_model(conv_kernel=conv_kernel, scan_backend="chunked").to(device)
+        ids = torch.randint(3, 48, (2, 8)).to(device)
+        mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]).to(device)
+        packing = dict(
+            position_ids=torch.tensor([[0, 0, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 1]]),
+            cu_seq_lens_q=torch.tensor([0, 5, 8, 12, 14, 16]),
+            seq_idx=torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 3, 3, 4, 4]]),
+        )
+        packing = {name: value.to(device) for name, value in packing.items()}
+        with torch.no_grad(), _OpLog() as log:
+            out = model(ids, attention_mask=mask, use_cache=True, **packing)
+            step = model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), cache=out.cache)
+        return log.ops, step.logits
+
+    cpu_ops, cpu_logits = run("cpu")
+    meta_ops, meta_logits = run("meta")
+    assert meta_logits.shape == cpu_logits.shape == (2, 1, 48)
+    assert "aten._local_scalar_dense" not in cpu_ops  # what `.item()`, `int()` or `bool()` of a tensor runs
+    # Conversions aside (transformers' cache moves its CPU token counter to the states' device: a copy on meta only).
+    assert [op for op in cpu_ops if op != "aten._to_copy"] == [op for op in meta_ops if op != "aten._to_copy"]

@@ -246,7 +246,7 @@ def test_a_padded_decoding_step_leaves_the_state_unchanged(backend):
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits[:, 5:]
         cache = model(ids[:, :5], use_cache=True).cache
-        before = [layer.recurrent_states[0].clone() for layer in cache.layers]
+        before = [cache.get_recurrent_state(i).clone() for i in range(len(cache))]
         steps = [model(ids[:, t : t + 1], cache=cache, attention_mask=mask[:, : t + 1]).logits for t in (5, 6)]
     torch.testing.assert_close(torch.cat(steps, 1)[1], expected[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(steps[1][0], expected[0, 1:], rtol=1e-5, atol=1e-5)
@@ -254,9 +254,9 @@ def test_a_padded_decoding_step_leaves_the_state_unchanged(backend):
     with torch.no_grad():
         cache = model(ids[:, :5], use_cache=True).cache
         model(ids[:, 5:6], cache=cache, attention_mask=mask[:, :6])
-    for layer, old in zip(cache.layers, before):
-        torch.testing.assert_close(layer.recurrent_states[0][0], old[0], rtol=0, atol=0)
-        assert not torch.equal(layer.recurrent_states[0][1], old[1])
+    for i, old in enumerate(before):
+        torch.testing.assert_close(cache.get_recurrent_state(i)[0], old[0], rtol=0, atol=0)
+        assert not torch.equal(cache.get_recurrent_state(i)[1], old[1])
 
 
 # ---- End to end: the Trainer with transformers' and TRL's packing collators. ----

@@ -3,18 +3,17 @@
 import pytest
 import torch
 
-from modeling_minrnn.packing import padding_mask_from, sequence_starts
+from modeling_minrnn.packing import check_input_values, checks_values, padding_mask_from, sequence_starts
 
 
 def starts(batch, seq, padding_mask=None, **inputs):
-    names = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-    args = [inputs.get(name) for name in names]
-    return sequence_starts(batch, seq, padding_mask, *args, device=torch.device("cpu"))
+    return sequence_starts(batch, seq, padding_mask, torch.device("cpu"), inputs)
 
 
-def test_padding_mask_is_none_when_every_token_is_real_and_keeps_the_current_columns():
+def test_padding_mask_keeps_the_current_columns_whatever_they_hold():
     assert padding_mask_from(None, 2, 5, has_state=False) is None
-    assert padding_mask_from(torch.ones(2, 5, dtype=torch.long), 2, 5, has_state=False) is None
+    # Kept even when every token is real: which branch runs never depends on a tensor's values.
+    assert padding_mask_from(torch.ones(2, 5, dtype=torch.long), 2, 5, has_state=False).all()
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     torch.testing.assert_close(padding_mask_from(mask, 2, 5, has_state=False), mask.bool())
     # With a cache, the mask may cover the consumed tokens too; only the last `seq` columns concern this call.
@@ -31,8 +30,21 @@ def test_padding_mask_is_none_when_every_token_is_real_and_keeps_the_current_col
     ],
 )
 def test_bad_attention_masks_are_refused_in_one_line(mask, seq, has_state, message):
-    with pytest.raises(ValueError, match=message):
+    with check_input_values(), pytest.raises(ValueError, match=message):
         padding_mask_from(mask, 2, seq, has_state)
+
+
+def test_value_checks_run_only_when_asked():
+    assert not checks_values()
+    additive = torch.tensor([[0.0, float("-inf"), 0, 0, 0]] * 2)
+    padding_mask_from(additive, 2, 5, has_state=False)  # values unread: no sync on an accelerator
+    with check_input_values():
+        assert checks_values()
+        with check_input_values(False):
+            assert not checks_values()
+        with pytest.raises(ValueError, match="only 0"):
+            padding_mask_from(additive, 2, 5, has_state=False)
+    assert not checks_values()
 
 
 def test_every_packing_input_marks_the_same_starts():
@@ -47,12 +59,13 @@ def test_every_packing_input_marks_the_same_starts():
         torch.testing.assert_close(starts(2, 8, **inputs), expected)
 
 
-def test_no_start_means_none_and_padding_is_never_a_start():
-    assert starts(1, 6, position_ids=torch.arange(6)[None]) is None  # ordinary positions: nothing restarts
+def test_ordinary_positions_start_nothing_and_padding_is_never_a_start():
+    assert starts(1, 6) is None  # no packing input
     assert starts(2, 1, position_ids=torch.zeros(2, 1, dtype=torch.long)) is None  # a decoding step
+    assert not starts(1, 6, position_ids=torch.arange(6)[None]).any()  # ordinary positions: nothing restarts
     padding = torch.tensor([[False, False, True, True, True, True]])
     # generate's positions for left padding: 0 at the padding and at the first real token.
-    assert starts(1, 6, padding, position_ids=torch.tensor([[0, 0, 0, 1, 2, 3]])) is None
+    assert not starts(1, 6, padding, position_ids=torch.tensor([[0, 0, 0, 1, 2, 3]])).any()
 
 
 @pytest.mark.parametrize(
@@ -68,5 +81,5 @@ def test_no_start_means_none_and_padding_is_never_a_start():
     ],
 )
 def test_bad_packing_inputs_are_refused_in_one_line(inputs, message):
-    with pytest.raises(ValueError, match=message):
+    with check_input_values(), pytest.raises(ValueError, match=message):
         starts(2, 8, **inputs)
