@@ -2,8 +2,10 @@
 
 Inputs are plain data (no torch, no transformers): the checkpoint's ``config.json``, the facts the
 verification subprocess measured (parameter count), and ``training_summary.json`` if the pretraining
-script wrote one. Anything absent is printed as "not recorded"; nothing is guessed. The output is
-deterministic, so re-publishing an unchanged checkpoint produces a byte-identical card (and no commit).
+script wrote one. Anything absent is printed as "not recorded"; nothing is guessed. huggingface_hub's
+``ModelCardData`` writes the metadata block and ``ModelCard.from_template`` fills ``CARD_TEMPLATE`` (Jinja).
+The output is deterministic, so re-publishing an unchanged checkpoint produces a byte-identical card (and
+no commit).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 import re
 
-import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 from modeling_minrnn.cells import CELLS
 
@@ -79,14 +81,14 @@ def check_training_summary(summary: dict) -> list[str]:
     return problems
 
 
-def _metadata(config: dict, summary: dict, license: str) -> dict:
+def _card_data(config: dict, summary: dict, license: str) -> ModelCardData:
     cell = config.get("cell_type", "mingru")
-    tags = ["minrnn", CELL_NAMES.get(cell, cell), "rnn", "linear-recurrence", "custom_code"]
-    metadata = {"library_name": "transformers", "pipeline_tag": "text-generation", "license": license, "tags": tags}
     dataset = hub_dataset_id(summary.get("dataset") or "")
-    if dataset is not None:
-        metadata["datasets"] = [dataset]
-    return metadata
+    return ModelCardData(
+        library_name="transformers", pipeline_tag="text-generation", license=license,
+        tags=["minrnn", CELL_NAMES.get(cell, cell), "rnn", "linear-recurrence", "custom_code"],
+        datasets=None if dataset is None else [dataset],
+    )
 
 
 def _fmt_count(n: int | None) -> str:
@@ -151,6 +153,70 @@ print(tokenizer.decode(output[0], skip_special_tokens=True))
 ```"""
 
 
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A {{ cell }} language model built with minrnn, from the paper
+[*Were RNNs All We Needed?*](https://arxiv.org/abs/2410.01201) (Feng et al., 2024).
+Each layer is a minimal recurrent cell whose gates depend only on the input, so training runs a
+parallel scan over the sequence while generation keeps a fixed-size state per layer (memory does not
+grow with the context).
+
+## Architecture
+
+| | |
+| --- | --- |
+{% for name, value in architecture %}| {{ name }} | {{ value }} |
+{% endfor %}
+{{ block }}
+
+## Training
+
+| | |
+| --- | --- |
+{% for name, value in training %}| {{ name }} | {{ value }} |
+{% endfor %}
+{% if settings is none %}Training settings: {{ not_recorded }}.{% else %}Training settings, as recorded by the \
+pretraining script:
+
+```json
+{{ settings }}
+```{% endif %}
+
+{% if has_loss_curve %}![Training and evaluation loss]({{ loss_curve }}){% else %}Loss curve: {{ not_recorded }}.\
+{% endif %}
+
+## Usage
+
+{{ usage }}
+
+Generation carries one fixed-size recurrent state per layer from token to token, so each new
+token costs the same at any context length.
+
+## Limitations
+
+- A research model trained on {{ data_note }} only: it imitates the style of that text and
+  produces fluent-looking but made-up content. It is not instruction-tuned, not aligned, and not
+  suitable for factual or safety-relevant use.
+- {% if evaluated %}The evaluation numbers above are those the pretraining script recorded on its evaluation split \
+of the training data; they say nothing about other domains.{% else %}No evaluation was recorded for this \
+checkpoint.{% endif %}
+- A fixed-size recurrent state must compress the whole context: exact recall of details far back
+  in a long prompt is weaker than in a Transformer of similar size.
+- Loading runs the model code shipped in this repository (`trust_remote_code=True`); review it first.
+
+## Citation
+
+```bibtex
+{{ citation }}
+```
+
+"""  # Jinja drops the template's last newline: the card ends in one.
+
+
 def render_model_card(
     repo_id: str,
     config: dict,
@@ -176,15 +242,18 @@ def render_model_card(
     """
     summary = summary or {}
     cell = CELL_NAMES.get(config.get("cell_type"), str(config.get("cell_type", NOT_RECORDED)))
-    metadata = yaml.safe_dump(_metadata(config, summary, license), sort_keys=False)
+    dataset = summary.get("dataset")
 
     def cfg(key):
         value = config.get(key)
         return NOT_RECORDED if value is None else f"{value}"
 
-    architecture = "\n".join(
-        f"| {name} | {value} |"
-        for name, value in (
+    card = ModelCard.from_template(
+        _card_data(config, summary, license),
+        template_str=CARD_TEMPLATE,
+        title=repo_id.split("/")[-1],
+        cell=cell,
+        architecture=[
             ("Cell", cell),
             ("Layers", cfg("num_hidden_layers")),
             ("Hidden size", cfg("hidden_size")),
@@ -194,86 +263,22 @@ def render_model_card(
             ("Vocabulary size", cfg("vocab_size")),
             ("Tied embeddings", cfg("tie_word_embeddings")),
             ("Parameters", _fmt_count(facts.get("num_parameters"))),
-        )
-    )
-    dataset = summary.get("dataset")
-    training = "\n".join(
-        f"| {name} | {value} |"
-        for name, value in (
+        ],
+        block=_block_description(config, cell),
+        training=[
             ("Dataset", _describe_dataset(dataset) if dataset is not None else NOT_RECORDED),
             ("Tokens seen", _fmt_count(summary.get("tokens_seen"))),
             ("Optimizer steps", _fmt_count(summary.get("steps"))),
             ("Final eval loss (nats/token)", _fmt_float(summary.get("final_eval_loss"))),
             ("Final eval perplexity", _fmt_float(summary.get("final_eval_perplexity"))),
-        )
+        ],
+        settings=json.dumps(summary["config"], indent=2, sort_keys=True) if "config" in summary else None,
+        has_loss_curve=has_loss_curve,
+        loss_curve=LOSS_CURVE_FILE,
+        not_recorded=NOT_RECORDED,
+        usage=_usage(repo_id, revision, config, has_tokenizer),
+        data_note=_describe_dataset(dataset) if dataset is not None else "its training data (not recorded)",
+        evaluated=summary.get("final_eval_loss") is not None,
+        citation=CITATION,
     )
-    if "config" in summary:
-        settings = "Training settings, as recorded by the pretraining script:\n\n```json\n"
-        settings += json.dumps(summary["config"], indent=2, sort_keys=True) + "\n```"
-    else:
-        settings = f"Training settings: {NOT_RECORDED}."
-    curve = (
-        f"![Training and evaluation loss]({LOSS_CURVE_FILE})"
-        if has_loss_curve
-        else f"Loss curve: {NOT_RECORDED}."
-    )
-    data_note = _describe_dataset(dataset) if dataset is not None else "its training data (not recorded)"
-    eval_note = (
-        "The evaluation numbers above are those the pretraining script recorded on its evaluation split of "
-        "the training data; they say nothing about other domains."
-        if summary.get("final_eval_loss") is not None
-        else "No evaluation was recorded for this checkpoint."
-    )
-
-    return f"""---
-{metadata}---
-
-# {repo_id.split("/")[-1]}
-
-A {cell} language model built with minrnn, from the paper
-[*Were RNNs All We Needed?*](https://arxiv.org/abs/2410.01201) (Feng et al., 2024).
-Each layer is a minimal recurrent cell whose gates depend only on the input, so training runs a
-parallel scan over the sequence while generation keeps a fixed-size state per layer (memory does not
-grow with the context).
-
-## Architecture
-
-| | |
-| --- | --- |
-{architecture}
-
-{_block_description(config, cell)}
-
-## Training
-
-| | |
-| --- | --- |
-{training}
-
-{settings}
-
-{curve}
-
-## Usage
-
-{_usage(repo_id, revision, config, has_tokenizer)}
-
-Generation carries one fixed-size recurrent state per layer from token to token, so each new
-token costs the same at any context length.
-
-## Limitations
-
-- A research model trained on {data_note} only: it imitates the style of that text and
-  produces fluent-looking but made-up content. It is not instruction-tuned, not aligned, and not
-  suitable for factual or safety-relevant use.
-- {eval_note}
-- A fixed-size recurrent state must compress the whole context: exact recall of details far back
-  in a long prompt is weaker than in a Transformer of similar size.
-- Loading runs the model code shipped in this repository (`trust_remote_code=True`); review it first.
-
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
+    return str(card)
