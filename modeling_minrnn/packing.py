@@ -35,7 +35,7 @@ def check_input_values(enabled: bool = True):
 
 def checks_values() -> bool:
     """Whether inputs' values are validated in this forward (`check_input_values`), never inside a traced graph."""
-    return _check_input_values.get() and not is_torchdynamo_compiling()
+    return not is_torchdynamo_compiling() and _check_input_values.get()  # dynamo cannot trace `ContextVar.get`
 
 
 def padding_mask_from(attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, has_state: bool):

@@ -1,17 +1,13 @@
 """The sequence and token classification heads: what they compute (against the base model's hidden states), and
-that they work where transformers users reach for them: Auto classes, remote code, Trainer, pipelines, PEFT."""
+that they work where transformers users reach for them: Auto classes, Trainer, pipelines, PEFT (remote code: in
+test_integration.py, with the causal LM)."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
-from test_integration import BLOCK_PACKAGE
 from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -129,38 +125,6 @@ def test_auto_classes_and_auto_map_load_every_head_from_any_checkpoint(tmp_path)
         model = auto.from_pretrained(tmp_path)
         assert type(model) is cls and model.score.out_features == 3
         torch.testing.assert_close(model.model.embeddings.weight, lm.model.embeddings.weight)
-
-
-def test_heads_load_as_remote_code_where_the_package_is_not_importable(tmp_path):
-    ids = torch.randint(3, 48, (2, 7), generator=torch.Generator().manual_seed(0))
-    expected = {}
-    for cls in HEADS:
-        model = head(cls)
-        model.save_pretrained(tmp_path / cls.__name__)
-        with torch.no_grad():
-            expected[cls.__name__] = model(ids).logits
-    torch.save({"ids": ids, **expected}, tmp_path / "expected.pt")
-    script = BLOCK_PACKAGE + textwrap.dedent(
-        f"""
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-        data = torch.load({str(tmp_path / "expected.pt")!r})
-        for auto, name in ((AutoModelForSequenceClassification, "MinRNNForSequenceClassification"),
-                           (AutoModelForTokenClassification, "MinRNNForTokenClassification")):
-            model = auto.from_pretrained({str(tmp_path)!r} + "/" + name, trust_remote_code=True).eval()
-            assert "transformers_modules" in type(model).__module__, type(model).__module__
-            with torch.no_grad():
-                torch.testing.assert_close(model(data["ids"]).logits, data[name])
-        print("remote heads ok")
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HOME"] = str(tmp_path / "hf_home")  # a fresh module cache
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote heads ok" in result.stdout
 
 
 def labelled_texts(n=48, seed=0):

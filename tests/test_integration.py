@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer, pipeline
 
-from modeling_minrnn import MinRNNForCausalLM
+from modeling_minrnn import MinRNNForCausalLM, MinRNNForSequenceClassification, MinRNNForTokenClassification
 
 # Python run in a subprocess that cannot import the package: the only way to the model is the saved remote code.
 BLOCK_PACKAGE = textwrap.dedent(
@@ -60,12 +60,17 @@ def test_torch_dtype_loading(tmp_path):
 
 
 def test_remote_code_loads_where_the_package_is_not_importable(tmp_path):
-    model = tiny_model(cell_type="minlstm")
-    model.save_pretrained(tmp_path / "ckpt")
+    """The causal LM and both classification heads, each from its own checkpoint, through the Auto class its
+    `auto_map` names."""
     ids = torch.randint(3, 48, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(ids).logits
-    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    expected = {"ids": ids}
+    for cls in (MinRNNForCausalLM, MinRNNForSequenceClassification, MinRNNForTokenClassification):
+        torch.manual_seed(0)
+        model = cls(tiny_config(cell_type="minlstm", num_labels=3)).eval()
+        model.save_pretrained(tmp_path / cls.__name__)
+        with torch.no_grad():
+            expected[cls.__name__] = model(ids).logits
+    torch.save(expected, tmp_path / "expected.pt")
 
     script = BLOCK_PACKAGE + textwrap.dedent(
         f"""
@@ -75,12 +80,19 @@ def test_remote_code_loads_where_the_package_is_not_importable(tmp_path):
             raise SystemExit("the package leaked into the subprocess")
         except ImportError:
             pass
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        import transformers
         data = torch.load({str(tmp_path / "expected.pt")!r})
-        with torch.no_grad():
-            torch.testing.assert_close(model(data["ids"]).logits, data["logits"])
-        print(type(model).__module__, model.generate(data["ids"], max_new_tokens=4, do_sample=False).shape)
+        for auto, name in (("AutoModelForCausalLM", "MinRNNForCausalLM"),
+                           ("AutoModelForSequenceClassification", "MinRNNForSequenceClassification"),
+                           ("AutoModelForTokenClassification", "MinRNNForTokenClassification")):
+            model = getattr(transformers, auto).from_pretrained({str(tmp_path)!r} + "/" + name,
+                                                                trust_remote_code=True).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(model(data["ids"]).logits, data[name])
+            print(type(model).__module__, type(model).__name__)
+        lm = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/MinRNNForCausalLM",
+                                                               trust_remote_code=True)
+        print(lm.generate(data["ids"], max_new_tokens=4, do_sample=False).shape)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -89,7 +101,9 @@ def test_remote_code_loads_where_the_package_is_not_importable(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "transformers_modules" in result.stdout
+    loaded = result.stdout.splitlines()
+    for name in ("MinRNNForCausalLM", "MinRNNForSequenceClassification", "MinRNNForTokenClassification"):
+        assert any(line.startswith("transformers_modules") and line.endswith(f" {name}") for line in loaded), loaded
     assert "(2, 11)" in result.stdout.replace("torch.Size([2, 11])", "(2, 11)")
 
 
