@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import tiny_model as identity_conv_model
 
+from modeling_minrnn import check_input_values
+
 
 def tiny_model(seed=0, **overrides):
     """`conftest.tiny_model` with random conv taps: the init's identity conv reads only the current token, so a conv
@@ -195,14 +197,15 @@ def test_torch_compile_traces_the_packed_forward_in_one_graph():
     ],
 )
 def test_malformed_or_inconsistent_packing_inputs_are_refused(inputs, message):
+    """Shapes and dtypes on every call; values (offsets, agreement) with the checks switched on."""
     model = tiny_model()
-    with pytest.raises(ValueError, match=message):
+    with check_input_values(), pytest.raises(ValueError, match=message):
         model(torch.randint(3, 48, (1, 10)), **inputs)
 
 
 def test_cu_seq_lens_may_not_run_across_rows():
     model = tiny_model()
-    with pytest.raises(ValueError, match="runs from one row into the next"):
+    with check_input_values(), pytest.raises(ValueError, match="runs from one row into the next"):
         model(torch.randint(3, 48, (2, 5)), cu_seq_lens_q=torch.tensor([0, 3, 7, 10]))
 
 
