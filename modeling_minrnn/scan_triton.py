@@ -251,7 +251,8 @@ def _default_chunk_size(batch, seq, dim, device):
     """Time steps per chunk so that (batch x channel blocks x chunks) programs fill the GPU, or None where the fused
     kernel's batch x channel blocks already do (or the sequence is too short to split)."""
     fused_programs = batch * _cdiv(dim, _MAX_BLOCK_D)
-    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 128
+    real_gpu = device.type == "cuda" and torch.cuda.is_available()  # not for fake tensors traced without a GPU
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if real_gpu else 128
     num_chunks = min(_cdiv(_PROGRAMS_PER_SM * processors, fused_programs), seq // _MIN_CHUNK)
     if num_chunks < 2:
         return None
