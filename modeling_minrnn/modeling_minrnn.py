@@ -30,8 +30,7 @@ from .cells import CELLS
 from .configuration_minrnn import MinRNNConfig
 from .long_sequence import ChunkedBackwardOutput, chunked_backward
 from .packing import check_mask_values, checks_values, padding_mask_from, sequence_starts
-from .scan import linear_recurrence, resolve_backend
-from .scan_cpu import cpu_cell_scan
+from .scan import cell_recurrence
 
 logger = logging.get_logger(__name__)
 
@@ -53,7 +52,7 @@ class MinRNNMixer(nn.Module):
         self.scan_backend = config.scan_backend
         self.cell_type = config.cell_type
         cell = CELLS[config.cell_type]
-        self.n_gates, self.log_gates, self.step_gates = cell.projections, cell.log_gates, cell.step_gates
+        self.n_gates = cell.projections
         if self.conv_kernel > 0:
             self.conv1d = nn.Conv1d(
                 self.hidden_size, self.hidden_size, self.conv_kernel, groups=self.hidden_size,
@@ -139,30 +138,9 @@ class MinRNNMixer(nn.Module):
             if cache is not None:
                 register_tokens(cache, self.layer_idx, hidden_states.transpose(1, 2), 0)
 
-        projections = self.in_proj(x)
-        backend = resolve_backend(self.scan_backend, projections)
-        if backend == "cpu":
-            # The native kernel computes the same gates inside the scan: a third of the memory traffic.
-            states = cpu_cell_scan(self.cell_type, projections, padding_mask, initial_state, reset)
-        elif backend == "chunked" and projections.shape[1] == 1 and reset is None:
-            # One token (a decoding step, and the step graph of an export): no scan, h = a * h + b.
-            width = projections.shape[-1] // self.n_gates  # slices, not chunk: a split leaves XNNPACK's graph
-            gates = [projections[..., i * width : (i + 1) * width].to(torch.float32) for i in range(self.n_gates)]
-            a, b = self.step_gates(*gates)
-            previous = None if initial_state is None else initial_state.unsqueeze(1).to(torch.float32)
-            states = b if previous is None else torch.addcmul(b, a, previous)
-            if padding_mask is not None:
-                # A padded token leaves the state as it was (a = 1, b = 0).
-                states = torch.where(padding_mask.unsqueeze(-1), states, 0.0 if previous is None else previous)
-        else:
-            # Gates in fp32 whatever the weights' dtype: the state accumulates over the whole sequence.
-            log_a, log_b = self.log_gates(*projections.float().chunk(self.n_gates, dim=-1))
-            if padding_mask is not None:
-                # a = 1, b = 0 at padding: the state passes through untouched.
-                keep = padding_mask.unsqueeze(-1)
-                log_a = log_a.masked_fill(~keep, 0.0)
-                log_b = log_b.masked_fill(~keep, float("-inf"))
-            states = linear_recurrence(log_a, log_b, initial_state, backend=self.scan_backend, reset=reset)
+        states = cell_recurrence(
+            self.cell_type, self.in_proj(x), padding_mask, initial_state, reset, backend=self.scan_backend
+        )
 
         if cache is not None:
             # While recording (assisted decoding), the state after every token, so `crop` can go back to any of them:

@@ -5,7 +5,9 @@ Both cells (minGRU, minLSTM) hand over their gates in log space, as in the paper
 log_b = -inf` (a = 1, b = 0), which leaves the state untouched. A sequence start (packed sequences) enters as a
 `reset` mask: there `a_t = 0`, so `h_t = b_t` and nothing before it (the initial state included) reaches it.
 
-One public entry point, `linear_recurrence`, dispatches to interchangeable backends:
+Two public entry points own all dispatch (backend choice, the one-token step, sequence resets):
+`cell_recurrence` runs a whole cell from its input projections (what the model calls), `linear_recurrence` the
+recurrence from `(log_a, log_b)`. Behind them, interchangeable backends:
 
 - `"sequential"`: the definition, one step at a time. Every other backend is tested against it.
 - `"log_space"`: the paper's parallel scan (Heinsen, 2023) with `cumsum` + `logcumsumexp`. Kept as the faithful
@@ -16,15 +18,19 @@ One public entry point, `linear_recurrence`, dispatches to interchangeable backe
 - `"cpu"`: a native multi-threaded loop (`scan_cpu.py`), used automatically for CPU tensors when it builds.
 - `"triton"`: fused GPU kernels (`scan_triton.py`), used automatically for CUDA tensors when Triton is present.
 
+The fast backends are `torch.library` operators: `torch.compile` keeps them in its graph. `torch.export` (ONNX,
+ExecuTorch) gets the chunked PyTorch scan under `"auto"`, so exported graphs hold only standard ops.
 All backends compute in fp32 whatever the input dtype and return fp32 states.
+
+The fast backends are imported on first use, not here: loading a config imports neither the kernel loader nor
+Triton.
 """
 
 import math
 
 import torch
 
-from .scan_cpu import cpu_scan, cpu_scan_available
-from .scan_triton import triton_scan, triton_scan_available
+from .cells import CELLS
 
 SCAN_BACKENDS = ("auto", "sequential", "log_space", "chunked", "cpu", "triton")
 
@@ -89,38 +95,38 @@ def _log_space_core(log_a, log_b, initial_state):
     return h
 
 
+def _segmented_scan(values, starts, combine):
+    """Inclusive scan of `values` `(batch, seq, dim)` along seq with `combine`, restarted where `starts` `(batch, seq)`
+    is True: Hillis-Steele, `log2(seq)` vectorised steps, no data-dependent shapes (so no host sync)."""
+    flags = starts.unsqueeze(-1)
+    offset = 1
+    while offset < values.shape[1]:
+        combined = torch.where(flags[:, offset:], values[:, offset:], combine(values[:, :-offset], values[:, offset:]))
+        values = torch.cat([values[:, :offset], combined], dim=1)
+        flags = torch.cat([flags[:, :offset], flags[:, offset:] | flags[:, :-offset]], dim=1)
+        offset *= 2
+    return values
+
+
 def log_space_scan(log_a, log_b, initial_state=None, reset=None):
     """The paper's parallel scan in log space (Heinsen): `log h = a* + logcumsumexp(log_b - a*)`, `a* = cumsum(log_a)`.
 
     The initial state enters linearly (`h0 * exp(a*)`), so it may have any sign. A reset cannot enter as
-    `log_a = -inf` (the cumsum would give `-inf - -inf = NaN`): each sequence is moved to a row of its own, scanned
-    from its own start, and moved back. Shapes as in `sequential_scan`.
+    `log_a = -inf` (the cumsum would give `-inf - -inf = NaN`): with resets, both scans restart at each sequence start
+    (a segmented parallel scan), and the initial state reaches only the tokens before a row's first start. Shapes as
+    in `sequential_scan`.
     """
     log_a, log_b, initial_state = _as_fp32(log_a, log_b, initial_state, reset)
-    if reset is None or not bool(reset.any()):
+    if reset is None:
         return _log_space_core(log_a, log_b, initial_state)
-    batch, seq, dim = log_a.shape
-    starts = reset.clone()
-    starts[:, 0] = True  # every row opens a segment; it continues the initial state unless reset there
-    flat_starts = starts.reshape(-1)
-    segment = flat_starts.cumsum(0) - 1  # segment of each token, over the flattened batch
-    index = torch.arange(batch * seq, device=reset.device)
-    position = index - torch.where(flat_starts, index, 0).cummax(0).values  # within its segment
-    n_segments, length = int(segment[-1]) + 1, int(position.max()) + 1
-    # Positions past a segment's end hold the identity step (a = 1, b = 0) and are never read back. The decay at a
-    # start multiplies nothing (the segment starts from zero): 0, so that its gradient is exactly 0.
-    log_a = log_a.masked_fill(reset.unsqueeze(-1), 0.0)
-    seg_log_a = log_a.new_zeros(n_segments, length, dim).index_put((segment, position), log_a.reshape(-1, dim))
-    seg_log_b = log_b.new_full((n_segments, length, dim), float("-inf")).index_put(
-        (segment, position), log_b.reshape(-1, dim)
-    )
-    seg_initial = None
+    # Padding's -inf as in `_log_space_core`; the decay at a start multiplies nothing, so it is 0 (zero gradient).
+    log_b = log_b.clamp(min=torch.finfo(log_b.dtype).min)
+    a_star = _segmented_scan(log_a.masked_fill(reset.unsqueeze(-1), 0.0), reset, torch.add)
+    h = (a_star + _segmented_scan(log_b - a_star, reset, torch.logaddexp)).exp()
     if initial_state is not None:
-        row_first = segment.view(batch, seq)[:, 0]
-        carried = initial_state.masked_fill(reset[:, :1], 0.0)  # a row reset at t = 0 drops the initial state
-        seg_initial = initial_state.new_zeros(n_segments, dim).index_put((row_first,), carried)
-    h = _log_space_core(seg_log_a, seg_log_b, seg_initial)
-    return h[segment, position].view(batch, seq, dim)
+        before_any_start = (reset.cumsum(1) == 0).unsqueeze(-1)
+        h = h + torch.where(before_any_start, a_star.exp() * initial_state.unsqueeze(1), 0.0)
+    return h
 
 
 def _chunked_forward(a, b, initial_state):
@@ -189,38 +195,49 @@ def chunked_scan(log_a, log_b, initial_state=None, reset=None):
     return _ChunkedScan.apply(log_a, log_b, initial_state, reset)
 
 
+def _cpu_scan_available():
+    from .scan_cpu import cpu_scan_available
+
+    return cpu_scan_available()
+
+
+def _triton_scan_available(tensor):
+    from .scan_triton import triton_scan_available
+
+    return triton_scan_available(tensor)
+
+
 def resolve_backend(backend, tensor):
     """Return the concrete backend name that `linear_recurrence` would use for `tensor`.
 
-    While torch.compile or torch.export traces, the native CPU kernel (an eager-mode fast path, JIT-built behind a
-    lock) is replaced by the chunked PyTorch scan, so the traced graph holds only standard ops."""
-    tracing = torch.compiler.is_compiling()
-    if tracing and backend in (None, "auto", "cpu") and tensor.device.type == "cpu":
-        return "chunked"
+    `"auto"` (or None) picks the native kernel for CPU tensors when it builds, Triton for CUDA tensors when it is
+    installed, else the chunked PyTorch scan; while `torch.export` traces it picks the chunked scan, so that exported
+    graphs (ONNX, ExecuTorch) hold only standard ops. Under `torch.compile` the fast kernels stay: they are operators
+    with fake kernels and autograd."""
+    if backend is not None and backend not in SCAN_BACKENDS:
+        raise ValueError(f"Unknown scan backend {backend!r}; valid backends are {SCAN_BACKENDS}.")
     if backend is None or backend == "auto":
-        if tensor.is_cuda and triton_scan_available(tensor):
-            return "triton"
-        if tensor.device.type == "cpu" and cpu_scan_available():
+        if torch.compiler.is_exporting():
+            return "chunked"
+        if tensor.is_cuda:
+            return "triton" if _triton_scan_available(tensor) else "chunked"
+        if tensor.device.type == "cpu" and _cpu_scan_available():
             return "cpu"
         return "chunked"
-    if backend not in SCAN_BACKENDS:
-        raise ValueError(f"Unknown scan backend {backend!r}; valid backends are {SCAN_BACKENDS}.")
-    if backend == "cpu" and not (tensor.device.type == "cpu" and cpu_scan_available()):
+    if backend == "cpu" and not (tensor.device.type == "cpu" and _cpu_scan_available()):
         raise RuntimeError(
             "scan backend 'cpu' needs CPU tensors and a working C++ compiler; use backend='auto' to fall back."
         )
-    if backend == "triton" and not triton_scan_available(tensor):
+    if backend == "triton" and not _triton_scan_available(tensor):
         raise RuntimeError("scan backend 'triton' needs Triton and a CUDA tensor; use backend='auto' to fall back.")
     return backend
 
 
-_BACKEND_FUNCTIONS = {
-    "sequential": sequential_scan,
-    "log_space": log_space_scan,
-    "chunked": chunked_scan,
-    "cpu": cpu_scan,
-    "triton": triton_scan,
-}
+def _single_step(log_a, log_b, initial_state, reset):
+    # A single decoding step: one fused multiply-add, no kernel launch or graph worth having.
+    log_a, log_b, initial_state = _as_fp32(log_a, log_b, initial_state, reset)
+    h = log_b.exp()
+    return h if initial_state is None else torch.addcmul(h, _decay(log_a, reset), initial_state.unsqueeze(1))
 
 
 def linear_recurrence(log_a, log_b, initial_state=None, backend=None, reset=None):
@@ -238,8 +255,56 @@ def linear_recurrence(log_a, log_b, initial_state=None, backend=None, reset=None
     """
     name = resolve_backend(backend, log_a)
     if log_a.shape[1] == 1 and name != "triton":
-        # A single decoding step: one fused multiply-add, no kernel launch or graph worth having.
-        log_a, log_b, initial_state = _as_fp32(log_a, log_b, initial_state, reset)
-        h = log_b.exp()
-        return h if initial_state is None else torch.addcmul(h, _decay(log_a, reset), initial_state.unsqueeze(1))
-    return _BACKEND_FUNCTIONS[name](log_a, log_b, initial_state, reset=reset)
+        return _single_step(log_a, log_b, initial_state, reset)
+    if name == "cpu":
+        from .scan_cpu import cpu_scan
+
+        return cpu_scan(log_a, log_b, initial_state, reset=reset)
+    if name == "triton":
+        from .scan_triton import triton_scan
+
+        return triton_scan(log_a, log_b, initial_state, reset=reset)
+    return {"sequential": sequential_scan, "log_space": log_space_scan, "chunked": chunked_scan}[name](
+        log_a, log_b, initial_state, reset=reset
+    )
+
+
+def cell_recurrence(cell_type, projections, padding_mask=None, initial_state=None, reset=None, backend=None):
+    """All states of a minGRU or minLSTM cell over a sequence, from its input projections.
+
+    Args:
+        cell_type: a key of `cells.CELLS` (`"mingru"`: projections `k, h~`; `"minlstm"`: `f, i, h~`).
+        projections: `(batch, seq, n * dim)` the cell's input projections, any float dtype.
+        padding_mask: `(batch, seq)` bool, True at real tokens, or None. A padded token leaves the state as it was.
+        initial_state: `(batch, dim)` state before the first step, or None for zeros.
+        reset: `(batch, seq)` bool, True where a new sequence starts, or None.
+        backend: one of `SCAN_BACKENDS`; None or `"auto"` picks the fastest available.
+    Returns:
+        `(batch, seq, dim)` fp32 states.
+    """
+    cell = CELLS[cell_type]
+    name = resolve_backend(backend, projections)
+    if name == "cpu":
+        from .scan_cpu import cpu_cell_scan
+
+        # The native kernel computes the gates inside the scan: a third of the memory traffic.
+        return cpu_cell_scan(cell_type, projections, padding_mask, initial_state, reset)
+    if name == "chunked" and projections.shape[1] == 1 and reset is None:
+        # One token (a decoding step, and the step graph of an export): no scan, h = a * h + b, in linear space.
+        width = projections.shape[-1] // cell.projections  # slices, not chunk: a split leaves XNNPACK's graph
+        gates = [projections[..., i * width : (i + 1) * width].to(torch.float32) for i in range(cell.projections)]
+        a, b = cell.step_gates(*gates)
+        previous = None if initial_state is None else initial_state.unsqueeze(1).to(torch.float32)
+        states = b if previous is None else torch.addcmul(b, a, previous)
+        if padding_mask is not None:
+            # A padded token leaves the state as it was (a = 1, b = 0).
+            states = torch.where(padding_mask.unsqueeze(-1), states, 0.0 if previous is None else previous)
+        return states
+    # Gates in fp32 whatever the weights' dtype: the state accumulates over the whole sequence.
+    log_a, log_b = cell.log_gates(*projections.float().chunk(cell.projections, dim=-1))
+    if padding_mask is not None:
+        # a = 1, b = 0 at padding: the state passes through untouched.
+        keep = padding_mask.unsqueeze(-1)
+        log_a = log_a.masked_fill(~keep, 0.0)
+        log_b = log_b.masked_fill(~keep, float("-inf"))
+    return linear_recurrence(log_a, log_b, initial_state, backend=name, reset=reset)

@@ -1,32 +1,37 @@
 """Native CPU backend for the linear recurrence ``h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)``.
 
-A small C++ kernel, compiled on first use with ``torch.utils.cpp_extension.load_inline``
-and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``; torch's lock file there keeps concurrent builds safe). A build is
-announced in one log line before and one after; ``python -m modeling_minrnn.build_kernel`` does it ahead.
-The source lives in this file as a string so that the package stays flat ``.py`` files,
-which transformers copies as remote code.
+A small C++ kernel, compiled on first use with ``torch.utils.cpp_extension.load_inline`` into a folder of its own
+under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``), named by a hash of the source, the flags,
+the torch build and installation, and the compiler: several virtualenvs and torch versions keep their own builds
+and never rebuild each other's. A build is announced in one log line before and one after; a cached build loads
+silently with ``torch.ops.load_library``. ``python -m modeling_minrnn.build_kernel`` builds it ahead. The source
+lives in this file as a string so that the package stays flat ``.py`` files, which transformers copies as remote code.
+
+The kernels are ``torch.library`` custom operators (fake kernels for shapes, registered autograd), so
+``torch.compile(fullgraph=True)`` keeps them in its graph.
 
 Forward and backward are each one fused pass over time, parallel over
 (batch x blocks of channels), with ``exp`` computed inline in a loop the compiler
 vectorises, so the cost stays near that of a few elementwise passes (memory bound).
 
 Public surface: :func:`cpu_scan_available`, :func:`cpu_scan` and :func:`cpu_cell_scan` (a whole minGRU/minLSTM
-cell fused: gates computed inline from the input projections, forward and backward). Set
-``MINRNN_DISABLE_CPU_EXT=1`` to force the PyTorch backends.
+cell fused: gates computed inline from the input projections, forward and backward), :func:`load_kernel`,
+:func:`unavailable_reason` and :func:`library_path`. Set ``MINRNN_DISABLE_CPU_EXT=1`` to force the PyTorch backends.
 """
 
 import hashlib
 import logging as pylogging
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 from transformers.utils import logging
 
 from .cells import CELLS
@@ -619,10 +624,78 @@ TORCH_LIBRARY_IMPL({namespace}, Meta, m) {
 # only drops the assumption that FP exceptions trap, which torch never enables).
 _CFLAGS = ["-O3", "-fno-trapping-math"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
 _LDFLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+# torch.utils.cpp_extension's suffix; that module (and the setuptools it imports) is only needed to build.
+_LIB_EXT = ".pyd" if sys.platform == "win32" else ".so"
+_CELL_PROJECTIONS = {cell_type: cell.projections for cell_type, cell in CELLS.items()}
+_INSTALL_HINT = (
+    "install a C++ compiler and ninja (e.g. `apt install g++` and `pip install ninja`) and run "
+    f"`python -m modeling_minrnn.build_kernel` to see the full error, or set {_DISABLE_ENV}=1"
+)
+
+
+def _compiler() -> str:
+    """The C++ compiler torch's build would run (``CXX``, else ``c++``), as a resolved path when it is on PATH."""
+    name = os.environ.get("CXX") or "c++"
+    return shutil.which(name) or name
+
+
+def _extension_name() -> str:
+    """The build's cache key: the kernel source and flags, the torch build (version, commit and the installation
+    whose headers and libraries it uses) and the compiler. Two virtualenvs with their own torch get a build each and
+    never rebuild each other's; virtualenvs sharing one torch installation share one build."""
+    key = "\n".join([_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__, str(torch.version.git_version),
+                     os.path.dirname(os.path.realpath(torch.__file__)), _compiler()])
+    return "minrnn_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _build_directory(name: str) -> str:
+    """``TORCH_EXTENSIONS_DIR`` (as torch's own JIT builds use it), else ``~/.cache/torch_extensions``, then a folder
+    per build key."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")), "torch_extensions"
+    )
+    return os.path.join(root, name)
+
+
+def library_path() -> str:
+    """Where this source's build for this torch installation and compiler lives (or will)."""
+    name = _extension_name()
+    return os.path.join(_build_directory(name), name + _LIB_EXT)
+
+
+class KernelUnavailable(RuntimeError):
+    """The native CPU scan cannot run in this process; the message says why and what to change."""
+
 
 _lock = threading.Lock()
-_ops = None
-_load_failed = False
+_ops = None  # torch.ops.<build key> once loaded
+_unavailable = None  # why the build or load failed in this process, once it has (not retried on every forward)
+
+
+def _build(name: str, directory: str) -> None:
+    """Compile with torch's JIT builder into ``directory`` (its lock file there serialises concurrent builds)."""
+    from torch.utils.cpp_extension import load_inline
+
+    os.makedirs(directory, exist_ok=True)
+    # torch logs its own multi-line compiler warnings; the lines around this call replace them.
+    torch_logger = pylogging.getLogger("torch.utils.cpp_extension")
+    level = torch_logger.level
+    torch_logger.setLevel(pylogging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_inline(
+                name=name,
+                cpp_sources=[_CPP_SOURCE.replace("{namespace}", name)],
+                # Copies: load_inline appends torch's libraries to the lists it is given.
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=directory,
+                is_python_module=False,
+                no_implicit_headers=True,
+            )
+    finally:
+        torch_logger.setLevel(level)
 
 
 def _failure_reason(error: Exception) -> str:
@@ -634,99 +707,161 @@ def _failure_reason(error: Exception) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
-def _extension_name() -> str:
-    """A name unique to this source, the flags and the torch version (the cache key of the build)."""
-    key = "\n".join([_CPP_SOURCE, *_CFLAGS, *_LDFLAGS, torch.__version__])
-    return "minrnn_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+def load_kernel():
+    """The native kernel's ops (``torch.ops.<build key>``): loaded from the cache silently, or built once.
 
-
-def _cached_library(namespace: str) -> str:
-    """Where torch's JIT build puts (or has put) the compiled library for ``namespace``."""
-    # torch's own rule for the folder (TORCH_EXTENSIONS_DIR, else a per-Python/accelerator folder in its cache).
-    from torch.utils.cpp_extension import LIB_EXT, _get_build_directory
-
-    return os.path.join(_get_build_directory(namespace, verbose=False), namespace + LIB_EXT)
-
-
-def _load_ops():
-    """Builds (first time on this machine, ~10-60 s) or loads the extension; None on failure.
-
-    A build logs one line before and one after: it is the only silent minute a new user (or a Hub user with
-    ``trust_remote_code``) would otherwise meet on the first forward. Loading a cached build logs nothing.
+    A build (first use of this source with this torch installation and compiler, ~10-60 s) says so in one line
+    before and one after: it is the only silent minute a new user (or a Hub user with ``trust_remote_code``) would
+    otherwise meet on the first forward. Raises :class:`KernelUnavailable` when ``MINRNN_DISABLE_CPU_EXT`` is set or
+    the build fails; a failure is logged once, remembered for this process and raised again without a new build.
     """
-    global _ops, _load_failed
+    global _ops, _unavailable
+    disabled = os.environ.get(_DISABLE_ENV, "0")
+    if disabled not in ("", "0"):
+        raise KernelUnavailable(f"{_DISABLE_ENV}={disabled} disables the native CPU scan")
     with _lock:
-        if _ops is None and not _load_failed:
-            namespace = _extension_name()
-            # torch logs its own multi-line compiler warnings; the one line below replaces them.
-            torch_logger = pylogging.getLogger("torch.utils.cpp_extension")
-            level = torch_logger.level
-            torch_logger.setLevel(pylogging.ERROR)
-            start, building = time.perf_counter(), False
+        if _ops is None and _unavailable is None:
+            name = _extension_name()
+            directory = _build_directory(name)
+            library = os.path.join(directory, name + _LIB_EXT)
+            # A library beside a build's lock file may be half-written by another process: build (wait) instead.
+            cached = os.path.isfile(library) and not os.path.exists(os.path.join(directory, "lock"))
+            start = time.perf_counter()
             try:
-                from torch.utils.cpp_extension import load_inline
-
-                library = _cached_library(namespace)
-                if not os.path.isfile(library):
-                    building = True
+                if cached:
+                    torch.ops.load_library(library)
+                else:
                     # WARNING: the level transformers users see by default (its logging starts at WARNING).
                     logger.warning(
-                        "minrnn: compiling the native CPU scan kernel (first use on this machine, ~30 s; cached in "
-                        f"{os.path.dirname(library)}; build ahead with `python -m modeling_minrnn.build_kernel`)"
+                        "minrnn: compiling the native CPU scan kernel (first use with this torch and compiler, ~30 s; "
+                        f"cached in {directory}; build ahead with `python -m modeling_minrnn.build_kernel`)"
                     )
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    load_inline(
-                        name=namespace,
-                        cpp_sources=[_CPP_SOURCE.replace("{namespace}", namespace)],
-                        # Copies: load_inline appends torch's libraries to the lists it is given.
-                        extra_cflags=list(_CFLAGS),
-                        extra_ldflags=list(_LDFLAGS),
-                        is_python_module=False,
-                        no_implicit_headers=True,
-                    )
-                _ops = getattr(torch.ops, namespace)
-                if building:
+                    _build(name, directory)
                     logger.warning(f"minrnn: native CPU scan kernel compiled in {time.perf_counter() - start:.1f} s")
-            except Exception as error:  # noqa: BLE001 (no compiler, headers, ninja, setuptools, ...: never raise)
-                _load_failed = True
-                logger.warning(
-                    f"minrnn: native CPU scan unavailable ({type(error).__name__}: {_failure_reason(error)}); "
-                    "using the PyTorch scan."
-                )
-            finally:
-                torch_logger.setLevel(level)
+                _ops = getattr(torch.ops, name)
+            # No compiler (or one that fails), headers, ninja, setuptools, a broken library: the build's errors only.
+            except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:
+                _unavailable = f"{type(error).__name__}: {_failure_reason(error)}"
+                logger.warning(f"minrnn: native CPU scan unavailable ({_unavailable}); using the PyTorch scan. To "
+                               f"use it, {_INSTALL_HINT}.")
+        if _ops is None:
+            raise KernelUnavailable(f"the native CPU scan could not be built ({_unavailable}); {_INSTALL_HINT}")
         return _ops
 
 
+def unavailable_reason() -> str | None:
+    """Why the kernel failed to build or load in this process (then ``"auto"`` runs the PyTorch scan), else None."""
+    return _unavailable
+
+
+# Run for real, not traced, under torch.compile: the answer (and the one build behind it) is a constant of the graph.
+@torch.compiler.assume_constant_result
 def cpu_scan_available() -> bool:
-    """Whether :func:`cpu_scan` can run: builds or loads the extension once, never raises.
+    """Whether :func:`cpu_scan` can run: builds or loads the kernel once (see :func:`load_kernel`), never raises.
 
-    False when ``MINRNN_DISABLE_CPU_EXT=1`` or when the build fails (one warning is logged).
+    False when ``MINRNN_DISABLE_CPU_EXT=1`` or when the build failed (logged once, with what to install).
     """
-    if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
+    if _ops is not None and os.environ.get(_DISABLE_ENV, "0") in ("", "0"):
+        return True
+    try:
+        load_kernel()
+    except KernelUnavailable:
         return False
-    # Lock-free once loaded, so that torch.compile traces through this check.
-    return _ops is not None or _load_ops() is not None
+    return True
 
 
-class _CpuScan(torch.autograd.Function):
-    """Autograd wrapper over the native kernels; inputs are contiguous fp32 CPU tensors."""
+# The kernels as operators, so torch.compile keeps them in its graphs (opaque calls with fake kernels for shapes and
+# registered autograd) instead of falling back to the PyTorch scan. The namespace is this module's own: a remote-code
+# copy of this file (another module name) registers its own operators beside the package's, on the same build.
+_NAMESPACE = "minrnn_" + hashlib.sha256(__name__.encode()).hexdigest()[:12]
 
-    @staticmethod
-    def forward(ctx, log_a, log_b, initial_state, reset):
-        h = _ops.forward(log_a, log_b, initial_state, reset)
-        ctx.save_for_backward(log_a, log_b, initial_state, reset, h)
-        return h
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h):
-        log_a, log_b, initial_state, reset, h = ctx.saved_tensors
-        grad_log_a, grad_log_b, grad_initial = _ops.backward(
-            log_a, log_b, initial_state, reset, h, grad_h.contiguous()
-        )
-        return grad_log_a, grad_log_b, grad_initial if initial_state is not None else None, None
+@torch.library.custom_op(f"{_NAMESPACE}::scan", mutates_args=(), device_types="cpu")
+def _scan_op(log_a: Tensor, log_b: Tensor, initial_state: Tensor | None, reset: Tensor | None) -> Tensor:
+    return load_kernel().forward(log_a.contiguous(), log_b.contiguous(), initial_state, reset)
+
+
+@_scan_op.register_fake
+def _(log_a, log_b, initial_state, reset):
+    return torch.empty_like(log_a, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::scan_backward", mutates_args=(), device_types="cpu")
+def _scan_backward_op(log_a: Tensor, log_b: Tensor, initial_state: Tensor | None, reset: Tensor | None, h: Tensor,
+                      grad_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return load_kernel().backward(log_a.contiguous(), log_b.contiguous(), initial_state, reset, h.contiguous(),
+                                  grad_h.contiguous())
+
+
+@_scan_backward_op.register_fake
+def _(log_a, log_b, initial_state, reset, h, grad_h):
+    batch, _, dim = log_a.shape
+    return torch.empty_like(log_a), torch.empty_like(log_b), log_a.new_empty(batch, dim)
+
+
+def _save_scan(ctx, inputs, output):
+    log_a, log_b, initial_state, reset = inputs
+    ctx.save_for_backward(log_a, log_b, initial_state, reset, output)
+
+
+def _scan_grads(ctx, grad_h):
+    log_a, log_b, initial_state, reset, h = ctx.saved_tensors
+    grad_log_a, grad_log_b, grad_initial = _scan_backward_op(log_a, log_b, initial_state, reset, h, grad_h)
+    return grad_log_a, grad_log_b, grad_initial if initial_state is not None else None, None
+
+
+_scan_op.register_autograd(_scan_grads, setup_context=_save_scan)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::cell_scan", mutates_args=(), device_types="cpu")
+def _cell_scan_op(cell_type: str, projections: Tensor, padding_mask: Tensor | None, initial_state: Tensor | None,
+                  reset: Tensor | None) -> Tensor:
+    return load_kernel().cell_forward(cell_type, projections.contiguous(), padding_mask, initial_state, reset)
+
+
+@_cell_scan_op.register_fake
+def _(cell_type, projections, padding_mask, initial_state, reset):
+    batch, seq, width = projections.shape
+    return projections.new_empty(batch, seq, width // _CELL_PROJECTIONS[cell_type], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::cell_scan_backward", mutates_args=(), device_types="cpu")
+def _cell_scan_backward_op(cell_type: str, projections: Tensor, padding_mask: Tensor | None,
+                           initial_state: Tensor | None, reset: Tensor | None, h: Tensor,
+                           grad_h: Tensor) -> tuple[Tensor, Tensor]:
+    return load_kernel().cell_backward(cell_type, projections.contiguous(), padding_mask, initial_state, reset,
+                                       h.contiguous(), grad_h.contiguous())
+
+
+@_cell_scan_backward_op.register_fake
+def _(cell_type, projections, padding_mask, initial_state, reset, h, grad_h):
+    return torch.empty_like(projections), h.new_empty(h.shape[0], h.shape[2])
+
+
+def _save_cell_scan(ctx, inputs, output):
+    cell_type, projections, padding_mask, initial_state, reset = inputs
+    ctx.cell_type = cell_type
+    # Only the projections and h: the backward recomputes the gates, which is cheaper than storing them.
+    ctx.save_for_backward(projections, padding_mask, initial_state, reset, output)
+
+
+def _cell_scan_grads(ctx, grad_h):
+    projections, padding_mask, initial_state, reset, h = ctx.saved_tensors
+    grad_projections, grad_initial = _cell_scan_backward_op(
+        ctx.cell_type, projections, padding_mask, initial_state, reset, h, grad_h
+    )
+    return None, grad_projections, None, grad_initial if initial_state is not None else None, None
+
+
+_cell_scan_op.register_autograd(_cell_scan_grads, setup_context=_save_cell_scan)
+
+
+def _require_kernel(caller: str) -> None:
+    if not cpu_scan_available():
+        try:
+            load_kernel()  # raises, saying why
+        except KernelUnavailable as error:
+            raise KernelUnavailable(f"{caller}: {error}; use scan_backend='auto' or a PyTorch backend") from None
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple) -> None:
@@ -781,36 +916,8 @@ def cpu_scan(
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, (batch, dim))
         initial_state = initial_state.float().contiguous()
-    if not cpu_scan_available():
-        raise RuntimeError(
-            "cpu_scan: the native CPU extension is not available (see the warning above, or "
-            f"{_DISABLE_ENV} is set); check cpu_scan_available() and use a PyTorch backend"
-        )
-    return _CpuScan.apply(log_a.float().contiguous(), log_b.float().contiguous(), initial_state, reset)
-
-
-_CELL_PROJECTIONS = {cell_type: cell.projections for cell_type, cell in CELLS.items()}
-
-
-class _CpuCellScan(torch.autograd.Function):
-    """Autograd wrapper over the fused cell kernels; inputs are contiguous CPU tensors (fp32, bool mask)."""
-
-    @staticmethod
-    def forward(ctx, cell_type, projections, padding_mask, initial_state, reset):
-        h = _ops.cell_forward(cell_type, projections, padding_mask, initial_state, reset)
-        ctx.cell_type = cell_type
-        # Only the projections and h: the backward recomputes the gates, which is cheaper than storing them.
-        ctx.save_for_backward(projections, padding_mask, initial_state, reset, h)
-        return h
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h):
-        projections, padding_mask, initial_state, reset, h = ctx.saved_tensors
-        grad_projections, grad_initial = _ops.cell_backward(
-            ctx.cell_type, projections, padding_mask, initial_state, reset, h, grad_h.contiguous()
-        )
-        return None, grad_projections, None, grad_initial if initial_state is not None else None, None
+    _require_kernel("cpu_scan")
+    return _scan_op(log_a.float().contiguous(), log_b.float().contiguous(), initial_state, reset)
 
 
 def cpu_cell_scan(
@@ -857,9 +964,5 @@ def cpu_cell_scan(
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, (batch, width // n))
         initial_state = initial_state.float().contiguous()
-    if not cpu_scan_available():
-        raise RuntimeError(
-            "cpu_cell_scan: the native CPU extension is not available (see the warning above, or "
-            f"{_DISABLE_ENV} is set); check cpu_scan_available() and use the PyTorch gates with a PyTorch backend"
-        )
-    return _CpuCellScan.apply(cell_type, projections.float().contiguous(), padding_mask, initial_state, reset)
+    _require_kernel("cpu_cell_scan")
+    return _cell_scan_op(cell_type, projections.float().contiguous(), padding_mask, initial_state, reset)

@@ -22,12 +22,16 @@ backward's adjoint crosses it; a chunk holding one has total decay 0, so pass (2
 The backward pass is the same recurrence run backwards in time, `dh_t = g_t + a_{t+1} dh_{t+1}`, followed by
 `d log_a_t = dh_t a_t h_{t-1}`, `d log_b_t = dh_t b_t` and `d h_0 = a_1 dh_1` (1-based), computed in the tiles.
 
+The forward and backward are `torch.library.triton_op` operators with registered autograd: torch.compile keeps them
+(and sees into them), and their fake kernels give shapes and dtypes without a GPU.
+
 Triton is optional: without it (or without CUDA, unless `TRITON_INTERPRET=1`) this module still imports and
 `triton_scan_available` says False. `import triton` stays inside `try:` so transformers' remote-code import check
 does not require it.
 """
 
 import contextlib
+import hashlib
 
 import torch
 
@@ -233,18 +237,22 @@ def _cdiv(x, y):
 
 
 def _launch(kernel, batch, dim, num_chunks, chunk_steps, *args, **flags):
-    """Run `kernel` on grid (channel blocks, batch, chunks) with tiles sized for `chunk_steps` steps per chunk."""
-    block_d = min(_MAX_BLOCK_D, triton.next_power_of_2(dim))
-    block_t = min(_MAX_BLOCK_T, triton.next_power_of_2(chunk_steps))
+    """Run `kernel` on grid (channel blocks, batch, chunks) with tiles sized for `chunk_steps` steps per chunk.
+
+    Through `wrap_triton`, so that torch.compile sees the launch. Full-size tiles are decided by a comparison, so a
+    graph compiled for dynamic shapes holds for every length and width past one tile."""
+    block_d = _MAX_BLOCK_D if dim >= _MAX_BLOCK_D else triton.next_power_of_2(dim)
+    block_t = _MAX_BLOCK_T if chunk_steps >= _MAX_BLOCK_T else triton.next_power_of_2(chunk_steps)
     grid = (_cdiv(dim, block_d), batch, num_chunks)
-    kernel[grid](*args, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS, **flags)
+    torch.library.wrap_triton(kernel)[grid](*args, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS, **flags)
 
 
 def _default_chunk_size(batch, seq, dim, device):
     """Time steps per chunk so that (batch x channel blocks x chunks) programs fill the GPU, or None where the fused
     kernel's batch x channel blocks already do (or the sequence is too short to split)."""
     fused_programs = batch * _cdiv(dim, _MAX_BLOCK_D)
-    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 128
+    real_gpu = device.type == "cuda" and torch.cuda.is_available()  # not for fake tensors traced without a GPU
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if real_gpu else 128
     num_chunks = min(_cdiv(_PROGRAMS_PER_SM * processors, fused_programs), seq // _MIN_CHUNK)
     if num_chunks < 2:
         return None
@@ -252,8 +260,10 @@ def _default_chunk_size(batch, seq, dim, device):
 
 
 def _device_scope(tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    # Triton launches on the current CUDA device, which need not be the tensor's. Fake CUDA tensors (shapes only, as
+    # torch.compile traces) may exist where no GPU does.
+    real_gpu = tensor.is_cuda and torch.cuda.is_available()
+    return torch.cuda.device(tensor.device) if real_gpu else contextlib.nullcontext()
 
 
 def _forward(log_a, log_b, initial_state, reset, chunk_size):
@@ -317,23 +327,38 @@ def _backward(grad_h, log_a, log_b, initial_state, reset, h, chunk_size):
     return d_log_a, d_log_b, d_h0
 
 
-class _TritonScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, log_a, log_b, initial_state, reset, chunk_size):
-        with _device_scope(log_a):
-            h = _forward(log_a, log_b, initial_state, reset, chunk_size)
-        ctx.save_for_backward(log_a, log_b, initial_state, reset, h)
-        ctx.chunk_size = chunk_size
-        return h
+# The kernels as operators: torch.compile sees into them (`triton_op` + `wrap_triton`), and the function body is its
+# own fake kernel. The namespace is this module's own, so that a remote-code copy of this file registers its own.
+_NAMESPACE = "minrnn_" + hashlib.sha256(__name__.encode()).hexdigest()[:12]
 
-    @staticmethod
-    def backward(ctx, grad_h):
-        log_a, log_b, initial_state, reset, h = ctx.saved_tensors
+if _HAS_TRITON:
+
+    @torch.library.triton_op(f"{_NAMESPACE}::triton_scan", mutates_args=())
+    def _scan_op(log_a: torch.Tensor, log_b: torch.Tensor, initial_state: torch.Tensor | None,
+                 reset: torch.Tensor | None, chunk_size: int | None) -> torch.Tensor:
         with _device_scope(log_a):
-            d_log_a, d_log_b, d_h0 = _backward(
-                grad_h.contiguous(), log_a, log_b, initial_state, reset, h, ctx.chunk_size
-            )
-        return d_log_a, d_log_b, d_h0, None, None
+            return _forward(log_a, log_b, initial_state, reset, chunk_size)
+
+    @torch.library.triton_op(f"{_NAMESPACE}::triton_scan_backward", mutates_args=())
+    def _scan_backward_op(grad_h: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+                          initial_state: torch.Tensor | None, reset: torch.Tensor | None, h: torch.Tensor,
+                          chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with _device_scope(log_a):
+            d_log_a, d_log_b, d_h0 = _backward(grad_h.contiguous(), log_a, log_b, initial_state, reset, h, chunk_size)
+        # An operator returns tensors only: no initial state, an empty gradient for it (dropped by `_scan_grads`).
+        return d_log_a, d_log_b, log_a.new_empty(0) if d_h0 is None else d_h0
+
+    def _save_scan(ctx, inputs, output):
+        log_a, log_b, initial_state, reset, chunk_size = inputs
+        ctx.save_for_backward(log_a, log_b, initial_state, reset, output)
+        ctx.chunk_size = chunk_size
+
+    def _scan_grads(ctx, grad_h):
+        log_a, log_b, initial_state, reset, h = ctx.saved_tensors
+        d_log_a, d_log_b, d_h0 = _scan_backward_op(grad_h, log_a, log_b, initial_state, reset, h, ctx.chunk_size)
+        return d_log_a, d_log_b, d_h0 if initial_state is not None else None, None, None
+
+    _scan_op.register_autograd(_scan_grads, setup_context=_save_scan)
 
 
 def triton_scan(log_a, log_b, initial_state=None, chunked=None, chunk_size=None, reset=None):
@@ -398,5 +423,5 @@ def triton_scan(log_a, log_b, initial_state=None, chunked=None, chunk_size=None,
         chunk_size = _default_chunk_size(batch, seq, dim, log_a.device)
         if chunk_size is None and chunked:
             chunk_size = _cdiv(seq, 2)
-    return _TritonScan.apply(log_a.contiguous(), log_b.contiguous(),
-                             None if initial_state is None else initial_state.contiguous(), reset, chunk_size)
+    return _scan_op(log_a.contiguous(), log_b.contiguous(),
+                    None if initial_state is None else initial_state.contiguous(), reset, chunk_size)

@@ -1,8 +1,9 @@
-"""What torch.compile, torch.export and accelerators see: a plain graph, no recompiles while decoding, no syncs.
+"""What torch.compile, torch.export and accelerators see: one graph with the fast scan, no recompiles, no syncs.
 
-Inside a traced graph the native CPU kernel (an eager-mode fast path, JIT-built behind a lock) is replaced by the
-chunked PyTorch scan, so graphs hold only standard ops. The compile checks use the `aot_eager` backend: it traces
-forward and backward exactly as inductor would receive them, without the minutes of code generation.
+Under torch.compile the native CPU kernel stays in the graph (it is a `torch.library` operator with a fake kernel and
+autograd); under torch.export the scan is the chunked PyTorch one, so exported graphs hold only standard ops. The
+compile checks use the `aot_eager` backend: it traces forward and backward exactly as inductor would receive them,
+without the minutes of code generation.
 """
 
 import subprocess
@@ -12,7 +13,32 @@ import textwrap
 import pytest
 import torch
 from conftest import ROOT, tiny_model
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from transformers import DynamicCache
+
+from modeling_minrnn import scan_cpu
+
+
+class RecordingBackend:
+    """A torch.compile backend that keeps every forward and backward graph AOTAutograd hands it and runs them
+    eagerly: each dynamo compile shows up as one forward graph."""
+
+    def __init__(self):
+        self.forward_graphs, self.backward_graphs = [], []
+        self.backend = aot_autograd(fw_compiler=self._keep(self.forward_graphs),
+                                    bw_compiler=self._keep(self.backward_graphs))
+
+    @staticmethod
+    def _keep(graphs):
+        def compiler(graph, example_inputs):
+            graphs.append(graph)
+            return make_boxed_func(graph.forward)
+        return compiler
+
+    @staticmethod
+    def ops(graph):
+        return {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
 
 
 @pytest.mark.parametrize("cell_type,conv_kernel", [("mingru", 4), ("minlstm", 0)])
@@ -28,13 +54,43 @@ def test_fullgraph_compile_of_a_training_step_matches_eager(cell_type, conv_kern
         return [p.grad.clone() for p in model.parameters()]
 
     eager = loss_and_grads(model)
-    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    recorder = RecordingBackend()
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend=recorder.backend))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if scan_cpu.cpu_scan_available():  # the packed rows' resets go through the native kernel too
+        assert f"{scan_cpu._NAMESPACE}.cell_scan.default" in recorder.ops(recorder.forward_graphs[0])
+
+
+@pytest.mark.slow  # a dynamic-shape compile of forward and backward: ~15 s on 2 idle cores
+@pytest.mark.skipif(not scan_cpu.cpu_scan_available(), reason="the native CPU kernel cannot be built here")
+def test_compiled_training_keeps_the_native_kernel_without_recompiling():
+    """fullgraph + dynamic shapes: one graph for several batch sizes and lengths, holding the kernel's operators
+    (forward and backward) and no chunked scan; gradients equal eager ones."""
+    torch._dynamo.reset()
+    model = tiny_model().train()
+    recorder = RecordingBackend()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=recorder.backend)
+    for batch, seq in [(2, 24), (3, 17)]:  # not 1: torch.compile specialises sizes 0 and 1
+        ids = torch.randint(3, 48, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        grads = []
+        for forward in (compiled, model):
+            model.zero_grad()
+            forward(input_ids=ids, labels=ids).loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert len(recorder.forward_graphs) == 1, "recompiled for a new batch size or length"
+    namespace = scan_cpu._NAMESPACE
+    assert f"{namespace}.cell_scan.default" in recorder.ops(recorder.forward_graphs[0])
+    assert f"{namespace}.cell_scan_backward.default" in recorder.ops(recorder.backward_graphs[0])
+    # The chunked scan's cumulative product would be there had compile swapped the kernel out.
+    assert not any("cumprod" in op for op in recorder.ops(recorder.forward_graphs[0]))
 
 
 def test_a_first_forward_under_compile_has_no_graph_break():
-    """In a fresh process (the kernel loader never ran), the first forward is traced whole."""
+    """In a fresh process (the kernel loader never ran), the first forward is traced whole: the availability check
+    runs (and loads the kernel) outside the graph."""
     script = textwrap.dedent(
         """
         import torch

@@ -37,6 +37,21 @@ print(json.dumps({"module": type(model).__module__, "load_s": loaded - start, "f
 """
 
 
+# Loads a checkpoint's config through its own code files only and lists the kernel modules that came with it.
+CONFIG_ONLY = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "modeling_minrnn":
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, _Block())
+from transformers import AutoConfig
+config = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+kernels = sorted(m for m in sys.modules if m.partition(".")[0] == "triton" or m.endswith((".scan_cpu", ".scan_triton")))
+print(type(config).__module__, kernels)
+"""
+
+
 def _run(args, **env):
     full_env = {k: v for k, v in os.environ.items() if k != "MINRNN_DISABLE_CPU_EXT"}
     full_env.update(env)
@@ -76,6 +91,21 @@ def test_build_ahead_refuses_when_disabled():
     assert own_stderr(proc.stderr).strip() == (
         "error: MINRNN_DISABLE_CPU_EXT=1 disables the native CPU scan; unset it to build the kernel"
     )
+
+
+def test_loading_a_config_imports_no_kernel(tmp_path):
+    """`AutoConfig` on a checkpoint (remote code) imports neither Triton nor the kernel loader, and `import
+    modeling_minrnn` not the kernel modules: they come with the first forward that needs them. (The package imports
+    transformers' modeling code, which imports Triton itself where torchao is installed.)"""
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    proc = _run(["-c", CONFIG_ONLY, str(tmp_path / "ckpt")], HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+                PYTHONPATH="")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module, kernels = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert module.startswith("transformers_modules") and kernels == "[]", proc.stdout
+    proc = _run(["-c", "import sys, modeling_minrnn\nprint(sorted(m for m in sys.modules if m.endswith(('.scan_cpu', "
+                 "'.scan_triton'))))"], PYTHONPATH=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-3000:]
 
 
 @pytest.mark.slow  # one real compile: ~25 s on 2 idle cores, a minute or more under load

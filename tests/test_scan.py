@@ -216,3 +216,13 @@ def test_bad_reset_is_rejected():
     for bad in (torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.bool)):
         with pytest.raises(ValueError, match="reset"):
             linear_recurrence(log_a, log_b, backend="chunked", reset=bad)
+
+
+@pytest.mark.parametrize("name", ["sequential", "log_space", "chunked"])
+def test_forward_with_resets_reads_no_tensor_values(name):
+    """On meta tensors every read of a value (`bool()`, `int()`, `.item()`) fails: on an accelerator each would be a
+    host-device sync, once per layer and step. Resets and an initial state included."""
+    log_a = torch.zeros(2, 9, 4, device="meta")
+    reset = torch.zeros(2, 9, dtype=torch.bool, device="meta")
+    h = linear_recurrence(log_a, log_a, torch.zeros(2, 4, device="meta"), backend=name, reset=reset)
+    assert h.shape == (2, 9, 4) and h.dtype == torch.float32

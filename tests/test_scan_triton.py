@@ -226,6 +226,58 @@ else:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# What torch.compile sees of the CUDA scan, checked without a GPU: the operators' fake kernels (the kernels' own launch
+# code, run on fake tensors) traced with make_fx. The interpreter launches kernels eagerly, so not under it.
+operators = pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs Triton, outside the interpreter")
+
+
+@operators
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_size", [None, 16], ids=["fused", "chunked"])
+def test_operators_fake_kernels_give_shapes_and_dtypes(dtype, chunk_size):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from modeling_minrnn import scan_triton
+
+    with FakeTensorMode():
+        log_a = torch.empty(3, 50, 70, dtype=dtype, device="cuda")
+        initial = torch.empty(3, 70, device="cuda")
+        reset = torch.zeros(3, 50, dtype=torch.uint8, device="cuda")
+        h = scan_triton._scan_op(log_a, log_a, initial, reset, chunk_size)
+        grads = scan_triton._scan_backward_op(h, log_a, log_a, initial, reset, h, chunk_size)
+        no_initial = scan_triton._scan_backward_op(h, log_a, log_a, None, None, h, chunk_size)[2]
+    assert (h.shape, h.dtype, h.device.type) == ((3, 50, 70), torch.float32, "cuda")
+    assert [(g.shape, g.dtype) for g in grads] == [((3, 50, 70), dtype), ((3, 50, 70), dtype), ((3, 70), torch.float32)]
+    assert no_initial.numel() == 0
+
+
+@operators
+def test_cuda_tensors_trace_to_the_triton_operator():
+    """`cell_recurrence` on CUDA tensors (as torch.compile traces a training step) calls the registered operator, not
+    the chunked PyTorch scan; its autograd calls the backward operator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from modeling_minrnn import scan_triton
+    from modeling_minrnn.scan import cell_recurrence
+
+    with FakeTensorMode():
+        projections = torch.empty(2, 40, 2 * 24, dtype=torch.bfloat16, device="cuda")
+        reset = torch.zeros(2, 40, dtype=torch.bool, device="cuda")
+    graph = make_fx(lambda p, r: cell_recurrence("mingru", p, reset=r))(projections, reset).graph
+    targets = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert f"{scan_triton._NAMESPACE}.triton_scan.default" in targets and "aten.cumprod.default" not in targets
+
+    # Autograd on CPU fake tensors: a CPU-only torch cannot run the autograd engine on (fake) CUDA ones.
+    def loss_grads(log_a, log_b):
+        return torch.autograd.grad(scan_triton._scan_op(log_a, log_b, None, None, None).sum(), (log_a, log_b))
+
+    leaves = [torch.zeros(2, 9, 4, requires_grad=True) for _ in range(2)]
+    graph = make_fx(loss_grads, tracing_mode="fake")(*leaves).graph
+    targets = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert f"{scan_triton._NAMESPACE}.triton_scan_backward.default" in targets, targets
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 @pytest.mark.skipif(INTERPRET or DEVICE == "cuda", reason="the kernel tests run directly in this process")
 def test_kernels_in_interpreter():
