@@ -62,13 +62,13 @@ def test_page_generates_what_generate_does(web_export, tmp_path):
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     sampling = {"doSample": True, "temperature": 0.8, "topK": 5, "seed": 3}
     with serve(folder) as base:
-        greedy_run, top1_run, sampled, sampled_again, stopped, _ = drive(f"{base}?model=model/fp32/&threads=1", [
+        greedy_run, top1_run, sampled, sampled_again, _, stopped = drive(f"{base}?model=model/fp32/&threads=1", [
             {"generate": {"prompt": PROMPT, "maxNewTokens": NEW_TOKENS}},
             {"generate": {"prompt": PROMPT, "maxNewTokens": NEW_TOKENS, "doSample": True, "topK": 1, "seed": 7}},
             {"generate": {"prompt": PROMPT, "maxNewTokens": NEW_TOKENS, **sampling}},
             {"generate": {"prompt": PROMPT, "maxNewTokens": NEW_TOKENS, **sampling}},
-            {"generate": {"prompt": PROMPT, "maxNewTokens": 100_000, "doSample": False, "stopAfter": 5}},
             {"screenshot": str(screenshot)},
+            {"generate": {"prompt": PROMPT, "maxNewTokens": 100_000, "doSample": False, "stopAfter": 5}},
         ])
 
     # Greedy: the page's tokenizer (tokenizers.js) reads the prompt as the Python tokenizer does, and the page's

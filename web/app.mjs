@@ -75,7 +75,7 @@ async function onGenerate() {
 }
 
 /** Median ms of `steps` greedy steps after reading `context` random tokens from a fresh state, for each context. */
-async function benchmark({ contexts = [128, 8192], steps = 16, warmup = 2, seed = 0 } = {}) {
+async function benchmark({ contexts = [128, 8192], steps = 16, warmup = 8, seed = 0 } = {}) {
   const random = seededRandom(seed);
   const rows = [];
   for (const context of contexts) {

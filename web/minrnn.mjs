@@ -117,16 +117,23 @@ export function seededRandom(seed) {
 
 /** Sample from softmax(logits / temperature) restricted to the `topK` largest logits (0: all). */
 export function sample(logits, { temperature, topK, random }) {
-  let order = Array.from(logits.keys());
-  if (topK > 0 && topK < logits.length) order = order.sort((i, j) => logits[j] - logits[i]).slice(0, topK);
-  const max = Math.max(...order.map((i) => logits[i]));
-  const weights = order.map((i) => Math.exp((logits[i] - max) / temperature));
-  let u = random() * weights.reduce((a, b) => a + b, 0);
-  for (let k = 0; k < order.length; k++) {
-    u -= weights[k];
-    if (u < 0) return order[k];
+  let candidates = Array.from(logits.keys());
+  if (topK > 0 && topK < logits.length) {
+    // The k-th largest value by a numeric sort of a typed copy (fast); all above it, then ties with it up to k.
+    const threshold = Float32Array.from(logits).sort()[logits.length - topK];
+    const above = candidates.filter((i) => logits[i] > threshold);
+    const ties = candidates.filter((i) => logits[i] === threshold);
+    candidates = above.concat(ties.slice(0, topK - above.length));
   }
-  return order[order.length - 1];
+  let max = -Infinity;
+  for (const i of candidates) max = Math.max(max, logits[i]);
+  const weights = candidates.map((i) => Math.exp((logits[i] - max) / temperature));
+  let u = random() * weights.reduce((a, b) => a + b, 0);
+  for (let k = 0; k < candidates.length; k++) {
+    u -= weights[k];
+    if (u < 0) return candidates[k];
+  }
+  return candidates[candidates.length - 1];
 }
 
 /** Generate after `promptIds`, calling `onToken(id, stepMs)` after each new token; stops after `maxNewTokens`, at
