@@ -8,13 +8,15 @@ decode steps at batch 1 after reading a context of each length from a fresh stat
   prefill and step graphs, then the step graph alone, as the page generates), served cross-origin isolated so that
   WASM may use threads;
 - in onnxruntime native (`ExportedModel`, the same files, the same prefill-then-step loop) in this process.
-Median ms per token over `--steps` steps after 8 untimed ones (the browser compiles WASM functions as they first
-run). The weights are random (speed does not depend on them).
-Needs the page's packages (`npm ci && npm run build` in web/) and Chromium. Writes `web_decode.{md,json}` under --out.
+Median ms per token over `--steps` steps after untimed ones: 8, and in the browser at least a second of them (it
+compiles hot WASM functions again, optimized, after they have run a while). The weights are random (speed does
+not depend on them). Needs the page's packages (`npm ci && npm run build` in web/) and Chromium. Writes
+`web_decode.{md,json}` under --out.
 """
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 8192])
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--append", action="store_true", help="add the rows to --out's web_decode.json (one model "
+                        "per run, e.g. where a machine is lent for short spells)")
     return parser.parse_args(argv)
 
 
@@ -105,11 +109,14 @@ def main(argv=None) -> Path:
                                              browser_ms=row["msPerToken"], native_ms=native,
                                              browser_context_s=row["contextMs"] / 1000, size_mb=folder_mb(folder)))
                             print(json.dumps(rows[-1]), flush=True)
-    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-              "command": "python benchmarks/web_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "rows": rows}
+    command = "python benchmarks/web_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "commands": [], "rows": []}
+    if args.append and (out / "web_decode.json").is_file():
+        result = json.loads((out / "web_decode.json").read_text())
+    result["commands"].append(command)
+    result["rows"] += rows
     (out / "web_decode.json").write_text(json.dumps(result, indent=2) + "\n")
     report = out / "web_decode.md"
     report.write_text(markdown(result))
@@ -121,8 +128,8 @@ def markdown(result) -> str:
     lines = [
         "# Decode in the browser (onnxruntime-web WASM) vs onnxruntime native",
         "",
-        f"`{result['command']}`; median ms per token, batch 1, greedy steps after reading a context from a fresh "
-        "state; random weights.",
+        f"{' and '.join(f'`{c}`' for c in result['commands'])} on {result['machine']}; median ms per token, batch 1, "
+        "greedy steps after reading a context from a fresh state; random weights.",
         "",
         "| model | weights | threads | context | browser WASM ms/token | onnxruntime native ms/token "
         "| browser / native | size MB |",

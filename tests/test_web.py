@@ -3,6 +3,7 @@ generates in the page exactly what `model.generate` generates, greedy; sampling 
 its seed; the Stop button stops; int8 and two WASM threads run. Skipped, with what to install, without Chromium,
 node or the page's packages (`.ci/run` installs them)."""
 
+import json
 import os
 import re
 import shutil
@@ -129,3 +130,19 @@ def test_served_folder_is_self_contained(web_export, tmp_path):
     with serve(copy) as base:
         (result,) = drive(base, [{"generate": {"prompt": "The", "maxNewTokens": 4}}])
     assert result["status"] == "done"
+
+
+def test_benchmark_writes_its_table(tmp_path):
+    """`benchmarks/web_decode.py` on the tiny model, short: a row per weights, threads and context, browser and
+    native, the two runs appended into one table."""
+    import web_decode
+
+    quick = ["--models", "tiny", "--contexts", "8", "72", "--steps", "4", "--out", str(tmp_path)]
+    web_decode.main([*quick, "--threads", "1"])
+    report = web_decode.main([*quick, "--threads", "2", "--append"])
+    rows = json.loads((tmp_path / "web_decode.json").read_text())["rows"]
+    assert [(r["precision"], r["threads"], r["context"]) for r in rows] == [
+        (p, t, c) for t in (1, 2) for p in ("fp32", "int8") for c in (8, 72)
+    ]
+    assert all(r["browser_ms"] > 0 and r["native_ms"] > 0 for r in rows)
+    assert report.read_text().count("| tiny |") == 8
