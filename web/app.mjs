@@ -107,7 +107,8 @@ async function main() {
   const meta = model.meta;
   const isolation = crossOriginIsolated ? "cross-origin isolated" : "not cross-origin isolated: one thread";
   $("model-info").textContent =
-    `${meta.cell_type} · ${meta.num_hidden_layers} layer${meta.num_hidden_layers === 1 ? "" : "s"} · hidden ${meta.hidden_size} · vocab ${meta.vocab_size} · ` +
+    `${meta.cell_type} · ${meta.num_hidden_layers} layer${meta.num_hidden_layers === 1 ? "" : "s"} · ` +
+    `hidden ${meta.hidden_size} · vocab ${meta.vocab_size} · ` +
     `${meta.quantization || "fp32"} · model ${formatBytes(model.modelBytes)} loaded · state ` +
     `${formatBytes(model.stateBytes)} per sequence, whatever the context · WASM, ${threads} thread` +
     `${threads === 1 ? "" : "s"} (${isolation})`;
