@@ -14,6 +14,7 @@ weights: a one-token step (`seq = 1`) and a prefill of exactly `prefill_length` 
 on the sequence length, so each length is its own graph); a prompt runs as whole prefill chunks, then single steps.
 
     python -m modeling_minrnn.export --checkpoint DIR --format onnx|executorch [--quantize int8] --out DIR
+    python -m modeling_minrnn.export --checkpoint DIR --web --out DIR   # ONNX fp32/ and int8/ for web/'s page
 
 writes the graphs, the tokenizer files (if the checkpoint has them) and `minrnn_export.json`, which describes the
 files, the state tensors (names, shapes with a symbolic batch, dtypes) and the model. `ExportedModel` runs such a
@@ -50,6 +51,9 @@ _RUNTIME_PACKAGES = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "executorch": ("executorch",),
 }
+# The web page's folders (`export_web`): name -> quantization; the files its tokenizer (tokenizers.js) reads.
+WEB_VARIANTS = {"fp32": None, "int8": "int8"}
+WEB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Files `save_pretrained` of a tokenizer may write; copied next to the graphs so the folder is self-contained.
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
@@ -393,6 +397,28 @@ def export(
     return out_dir
 
 
+def check_web_tokenizer(tokenizer_dir: str | os.PathLike) -> None:
+    """Raise one line if `tokenizer_dir` lacks a file the web page's tokenizer reads."""
+    missing = [name for name in WEB_TOKENIZER_FILES if not (Path(tokenizer_dir) / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"The web page tokenizes with {' and '.join(WEB_TOKENIZER_FILES)}; {tokenizer_dir} has no "
+            f"{', '.join(missing)}: save the tokenizer with the checkpoint (`tokenizer.save_pretrained(DIR)`)."
+        )
+
+
+def export_web(
+    model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, prefill_length: int = 64
+) -> dict[str, Path]:
+    """What the web page (`web/` in the repository) loads: the ONNX export in fp32 and in int8, in `out_dir/fp32` and
+    `out_dir/int8`, each a complete folder with the tokenizer the page tokenizes with. Returns the folders."""
+    check_web_tokenizer(tokenizer_dir)
+    return {
+        name: export(model, Path(out_dir) / name, "onnx", quantize, prefill_length, tokenizer_dir)
+        for name, quantize in WEB_VARIANTS.items()
+    }
+
+
 def _load_executorch_quantized_kernels() -> None:
     """Register ExecuTorch's quantized kernels (`embedding_byte` of an int8 program) with its Python runtime, which
     ships them as a library beside its own but does not load them; a device build links them (`quantized_ops_lib`)."""
@@ -522,21 +548,38 @@ def main(argv: list[str] | None = None) -> None:
         description="Export a minrnn checkpoint with its recurrent state as explicit, named tensors.",
     )
     parser.add_argument("--checkpoint", required=True, help="a folder written by save_pretrained, or a Hub id")
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--format", choices=FORMATS, help="required unless --web")
+    parser.add_argument(
+        "--web", action="store_true",
+        help="write what the web page loads: ONNX in fp32 and int8 in OUT/fp32 and OUT/int8, with the tokenizer",
+    )
     parser.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], default=None)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--prefill-length", type=int, default=64, help="tokens per call of the prefill graph (default 64)"
     )
     args = parser.parse_args(argv)
+    if args.web and (args.format not in (None, "onnx") or args.quantize):
+        parser.error("--web writes ONNX in fp32 and int8 itself: leave out --format and --quantize")
+    if not args.web and args.format is None:
+        parser.error("--format is required (or --web)")
+    if args.web and not Path(args.checkpoint).is_dir():
+        parser.error(f"--web needs a local checkpoint folder with its tokenizer; got {args.checkpoint!r}")
 
     from transformers import AutoModelForCausalLM
 
     import modeling_minrnn  # noqa: F401  (registers the model type with the Auto classes)
 
-    require_runtime(args.format)
+    require_runtime(args.format or "onnx")
+    if args.web:
+        check_web_tokenizer(args.checkpoint)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     tokenizer_dir = args.checkpoint if Path(args.checkpoint).is_dir() else None
+    if args.web:
+        for name, folder in export_web(model, args.out, tokenizer_dir, args.prefill_length).items():
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+            print(f"Wrote the {name} export for the web page to {folder} ({size:.1f} MB)")
+        return
     out = export(model, args.out, args.format, args.quantize, args.prefill_length, tokenizer_dir)
     meta = json.loads((out / METADATA_FILE).read_text())
     print(f"Wrote {', '.join(meta['files'])} and {METADATA_FILE} to {out}")

@@ -257,3 +257,36 @@ def test_rejects_bad_arguments(tmp_path):
         export_module.export(model, tmp_path, "onnx", quantize="int4")
     with pytest.raises(ValueError, match="fp32 model"):
         export_module.export_program(model.to(torch.bfloat16), 1)
+
+
+@pytest.mark.slow  # two exports: ~30 s on a shared 2-core machine (tests/test_web.py runs the folders in a browser)
+def test_web_writes_fp32_and_int8_folders(tmp_path):
+    """`--web`: the ONNX export in fp32 and int8, each folder complete with the tokenizer files the page reads."""
+    pytest.importorskip("onnxruntime")
+    save_checkpoint(tiny_model("mingru-conv-mlp"), tmp_path / "checkpoint")
+    main(["--checkpoint", str(tmp_path / "checkpoint"), "--web", "--prefill-length", str(PREFILL), "--out",
+          str(tmp_path / "web")])
+    for name, quantize in (("fp32", None), ("int8", "int8")):
+        meta = json.loads((tmp_path / "web" / name / METADATA_FILE).read_text())
+        assert (meta["format"], meta["quantization"]) == ("onnx", quantize)
+        assert {"tokenizer.json", "tokenizer_config.json"} <= set(meta["files"])
+        assert all((tmp_path / "web" / name / file).is_file() for file in meta["files"])
+
+
+def test_web_rejects_bad_arguments(tmp_path, capsys):
+    """Each mistake is one line before any work: the page runs ONNX only, and tokenizes with the checkpoint's files."""
+    model = tiny_model("mingru-conv-mlp")
+    model.save_pretrained(tmp_path / "no-tokenizer")
+    out = ["--out", str(tmp_path / "out")]
+    for argv, message in (
+        (["--checkpoint", str(tmp_path), "--web", "--format", "executorch"], "leave out --format and --quantize"),
+        (["--checkpoint", str(tmp_path), "--web", "--quantize", "int8"], "leave out --format and --quantize"),
+        (["--checkpoint", str(tmp_path)], "--format is required (or --web)"),
+        (["--checkpoint", "some/hub-id", "--web"], "needs a local checkpoint folder"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv + out)
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has no tokenizer.json, tokenizer_config.json"):
+        main(["--checkpoint", str(tmp_path / "no-tokenizer"), "--web", *out])
+    assert not (tmp_path / "out").exists()
