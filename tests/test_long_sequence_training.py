@@ -1,4 +1,4 @@
-"""Exact gradients over a long sequence in chunks (`MinRNNForCausalLM.chunked_backward`): checkpointing over time.
+"""Exact gradients over a long sequence in chunks (`minrnn_training.chunked_backward`): checkpointing over time.
 
 Every check compares against full-sequence backprop (`model(ids, labels=...).loss.backward()`) at a length where
 both fit: both cells, conv on and off, chunk sizes that do not divide the length, a chunk of one token and chunks
@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model as identity_conv_model
+from accelerate import Accelerator
 from pretrain_runs import TINY, TWO_PROCESSES, run, step_losses
 from transformers.cache_utils import Cache
 
-from modeling_minrnn.long_sequence import _GraphStateLayer
+from minrnn_training.chunked_backward import _GraphStateLayer, chunked_backward
 
 BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_sequence_memory.py"
+ACCELERATOR = Accelerator(cpu=True)  # one process, no accumulation: `accelerator.backward` is `loss.backward()`
 
 
 def tiny_model(seed=0, **overrides):
@@ -57,7 +59,7 @@ def full_backprop(model, ids, labels, mask):
 
 def chunked(model, ids, labels, mask, chunk_size, **kwargs):
     model.zero_grad()
-    out = model.chunked_backward(ids, labels=labels, attention_mask=mask, chunk_size=chunk_size, **kwargs)
+    out = chunked_backward(ACCELERATOR, model, ids, labels=labels, attention_mask=mask, chunk_size=chunk_size, **kwargs)
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -98,7 +100,7 @@ def test_gradient_accumulation_adds_into_grad():
     total = int((labels[:, 1:] != -100).sum())
     model.zero_grad()
     losses = [
-        model.chunked_backward(ids[i : i + 1], labels[i : i + 1], mask[i : i + 1], chunk_size=5,
+        chunked_backward(ACCELERATOR, model, ids[i : i + 1], labels[i : i + 1], mask[i : i + 1], chunk_size=5,
                                num_items_in_batch=total).loss
         for i in range(len(ids))
     ]
@@ -111,7 +113,7 @@ def test_default_labels_are_the_inputs():
     ids, _, _ = batch(seq=12)
     loss, expected = full_backprop(model, ids, ids, None)
     model.zero_grad()
-    out = model.chunked_backward(ids, chunk_size=5)
+    out = chunked_backward(ACCELERATOR, model, ids, chunk_size=5)
     torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6)
     assert_grads_close({name: p.grad for name, p in model.named_parameters()}, expected)
 
@@ -164,7 +166,7 @@ def test_bad_input_is_refused_in_one_line(kwargs, message):
     model = tiny_model()
     arguments = {"input_ids": torch.randint(3, 48, (2, 8)), "chunk_size": 4, **kwargs}
     with pytest.raises(ValueError, match="^" + re.escape(message)):
-        model.chunked_backward(**arguments)
+        chunked_backward(ACCELERATOR, model, **arguments)
     assert all(p.grad is None for p in model.parameters())  # refused before any work
 
 
@@ -172,7 +174,7 @@ def test_gradient_checkpointing_is_refused():
     model = tiny_model().train()
     model.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="activation_checkpointing_disable"):
-        model.chunked_backward(torch.randint(3, 48, (1, 8)), chunk_size=4)
+        chunked_backward(ACCELERATOR, model, torch.randint(3, 48, (1, 8)), chunk_size=4)
 
 
 @pytest.mark.slow
