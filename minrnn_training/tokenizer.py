@@ -113,14 +113,17 @@ def chat_template(value: str | None) -> str:
 
 
 def run_tokenizer(config: TrainConfig, splits, accelerator, checkpoint: Path | None):
-    """A training run's tokenizer: the checkpoint's when resuming, a given one, or one trained on the training split
-    (by the main process, then loaded by all: every process gets the same ids); with the run's chat template."""
+    """A training run's tokenizer: the checkpoint's when resuming, a given one, the `init_from` model's, or one
+    trained on the training split (by the main process, then loaded by all: every process gets the same ids); with
+    the run's chat template."""
     from transformers import AutoTokenizer
 
     if checkpoint is not None:
-        source = checkpoint / "pretrained"
+        source = checkpoint / "tokenizer"
     elif config.tokenizer:
         source = Path(config.tokenizer)
+    elif config.init_from:
+        source = config.init_from  # the model's own tokenizer (a folder or a Hub id)
     else:
         source = Path(config.output_dir) / "tokenizer"
         if accelerator.is_main_process:
