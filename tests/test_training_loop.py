@@ -135,7 +135,7 @@ def test_bad_input_fails_before_training(tmp_path, monkeypatch, extra, message):
     extra = [str(empty) if arg == "EMPTY" else arg for arg in extra]
     with pytest.raises(SystemExit, match=f"(?s)^error: .*{message}"):
         main([*TINY, "--output-dir", str(tmp_path / "out"), *extra])
-    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+    assert not (tmp_path / "out").exists()  # nothing left behind (a trained tokenizer would refuse the next try)
 
 
 def test_push_to_hub_publishes_checkpoints_and_final_folder(tmp_path, monkeypatch, capsys):
@@ -163,3 +163,52 @@ def test_push_to_hub_publishes_checkpoints_and_final_folder(tmp_path, monkeypatc
     assert (f"warning: {first} not published (cannot reach the Hub at https://hub.test (ConnectionError)); retry "
             f"with python hub_upload/push_to_hub.py --checkpoint {first} --repo-id me/tiny --revision step-1"
             ) in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_init_from_a_finished_run_then_resume_it_is_refused(tmp_path):
+    """`--init-from` a finished run's folder trains its model (architecture, weights, tokenizer) further on new data
+    under a new schedule; `--resume` on the finished run says in one line that it finished and what to do instead."""
+    import torch
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    main([*TINY, "--batch-size", "4", "--max-steps", "12", "--eval-every", "12", "--save-every", "12",
+          "--sample-tokens", "0", "--output-dir", str(first)])
+    for extra in ([], ["--max-steps", "600"]):
+        with pytest.raises(SystemExit) as refused:
+            main([*TINY, "--batch-size", "4", "--max-steps", "12", "--output-dir", str(first), "--resume", *extra])
+        assert str(refused.value) == (
+            f"error: --resume: the run in {first} finished (12 steps, training_summary.json); to train its model "
+            f"further start a new run from it: --init-from {first} --output-dir NEW_FOLDER, with its own data and "
+            "schedule (--dataset, --max-steps, --lr)")
+
+    new_data = tmp_path / "new.txt"
+    new_data.write_text("".join(f"def function_{i}(self, value):\n    return value + {i}\n\n" for i in range(400)))
+    common = [*TINY, "--dataset", str(new_data), "--batch-size", "4", "--sample-tokens", "0", "--eval-every", "2",
+              "--save-every", "2", "--hidden-size", "48"]  # the architecture is the checkpoint's, not this option's
+    frozen = tmp_path / "frozen"  # a learning rate too small to move the weights: the folder's weights, trained on
+    main([*common, "--init-from", str(first), "--max-steps", "1", "--lr", "1e-12", "--min-lr", "1e-12",
+          "--output-dir", str(frozen)])
+    before, after = load_file(first / "model.safetensors"), load_file(frozen / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-9, msg=name)
+    assert (frozen / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+
+    tuned, fresh = tmp_path / "tuned", tmp_path / "fresh"
+    main([*common, "--init-from", str(first), "--max-steps", "4", "--lr", "1e-3", "--output-dir", str(tuned)])
+    main([*common, "--tokenizer", str(first), "--hidden-size", "32", "--max-steps", "4", "--lr", "1e-3",
+          "--output-dir", str(fresh)])
+    summary = json.loads((tuned / "training_summary.json").read_text())
+    assert summary["dataset"] == str(new_data) and summary["steps"] == 4
+    assert summary["config"]["init_from"] == str(first) and summary["config"]["hidden_size"] == 32
+    # The pretrained model starts far lower on the new data than the same model from scratch.
+    assert step_losses(tuned)[1] < step_losses(fresh)[1] - 0.5, (step_losses(tuned), step_losses(fresh))
+
+
+def test_init_from_something_else_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: init_from='no/such/folder': not a save_pretrained folder or a "
+                                         r"reachable Hub model \("):
+        main([*TINY, "--init-from", "no/such/folder", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
