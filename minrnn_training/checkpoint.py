@@ -67,19 +67,16 @@ def checkpoint_manifest(folder: Path) -> dict:
 def write_checkpoint_hashes(folder: Path) -> None:
     """`checkpoint_hashes.json`: `{relative path: sha256}` of a complete checkpoint's files, written atomically (a
     checkpoint without it is verified by sizes only)."""
-    try:
-        recorded = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
-        hashes = {name: _sha256(folder / name) for name in recorded}
-        tmp = folder / f".{HASHES_FILE}"
-        tmp.write_text(json.dumps(hashes))
-        os.replace(tmp, folder / HASHES_FILE)
-    except FileNotFoundError:
-        pass  # rotated away (keep_last) before its hashes were done: nothing left to verify
+    recorded = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+    hashes = {name: _sha256(folder / name) for name in recorded}
+    tmp = folder / f".{HASHES_FILE}"
+    tmp.write_text(json.dumps(hashes))
+    os.replace(tmp, folder / HASHES_FILE)
 
 
 def hash_in_background(folder: Path) -> threading.Thread:
     """`write_checkpoint_hashes(folder)` in a thread: reading the files back costs the training processes nothing.
-    Not a daemon: the interpreter waits for it at exit."""
+    Join it before `folder` may be rotated away (the next checkpoint); not a daemon: the interpreter waits for it."""
     thread = threading.Thread(target=write_checkpoint_hashes, args=(folder,), name=f"hash-{folder.name}")
     thread.start()
     return thread
@@ -135,7 +132,7 @@ def _fsync(*paths: Path) -> None:
 def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: dict, train_data,
                     carried=None) -> Path:
     """Write `checkpoints/step-N` atomically: fill a temporary folder, fsync it, mark it complete with the files'
-    sizes, rename it; then rotate old checkpoints and, with `checkpoint_hashes`, hash the files in a thread.
+    sizes, rename it; then rotate old checkpoints.
 
     A crash at any point leaves either no `step-N` or a complete one; `--resume` ignores the rest. Only the main
     process finishes the checkpoint: the others go on with the next step.
@@ -166,9 +163,7 @@ def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: d
         os.replace(tmp, final)
         _fsync(root)
         for old in complete_checkpoints(config.output_dir)[: -config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)  # ignore: its hashing thread may be writing into it
-        if config.checkpoint_hashes:
-            hash_in_background(final)
+            shutil.rmtree(old)
     return final
 
 

@@ -26,6 +26,7 @@ from .checkpoint import (
     check_unfinished,
     checkpoint_dir,
     export_pretrained,
+    hash_in_background,
     load_checkpoint,
     remove_run,
     resumable_checkpoint,
@@ -181,7 +182,7 @@ class Trainer:
             raise ConfigError(str(error)) from error
         self._build_model()
         self.log_path = self.output_dir / "train_log.jsonl"
-        self.start_step, self.tokens_seen = 0, 0
+        self.start_step, self.tokens_seen, self.hashing = 0, 0, None
         if self.checkpoint is not None:
             load_checkpoint(accelerator, self.checkpoint, self.train_data, self.carried)
             saved = trainer_state(self.checkpoint)
@@ -326,8 +327,11 @@ class Trainer:
         """Checkpoint `step` (and its model on the Hub, with `push_to_hub`)."""
         config = self.config
         state = {"step": step, "tokens_seen": self.tokens_seen, "world_size": self.accelerator.num_processes}
+        self.wait_for_hashes()  # the previous checkpoint's, before the rotation may delete it
         path = save_checkpoint(self.accelerator, self.model, self.tokenizer, config, state, self.train_data,
                                self.carried)
+        if config.checkpoint_hashes and self.main:
+            self.hashing = hash_in_background(path)
         if config.push_to_hub:
             folder = path / "pretrained"  # the weights once more, only for the upload
             export_pretrained(self.accelerator, self.model, self.tokenizer, folder)
@@ -337,6 +341,7 @@ class Trainer:
     def finish(self, eval_loss: float) -> dict:
         """The final `save_pretrained` folder and `training_summary.json`; returns the summary."""
         config, accelerator = self.config, self.accelerator
+        self.wait_for_hashes()
         model_files = export_pretrained(accelerator, self.model, self.tokenizer, self.output_dir)
         summary = {
             "dataset": self.splits.name, "tokens_seen": self.tokens_seen, "steps": config.max_steps,
@@ -353,6 +358,11 @@ class Trainer:
                 push(self.output_dir, config, revision=None)
         accelerator.end_training()
         return summary
+
+    def wait_for_hashes(self) -> None:
+        if self.hashing is not None:
+            self.hashing.join()
+            self.hashing = None
 
     def log(self, record: dict) -> None:
         if self.main:

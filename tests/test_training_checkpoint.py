@@ -159,3 +159,27 @@ def test_resume_continues_exactly(tmp_path, source):
     assert step_losses(out) == finished
     assert json.loads((out / "training_summary.json").read_text())["final_eval_loss"] == summary["final_eval_loss"]
     assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+
+
+def test_checkpoint_hashes_are_recorded_and_verified(tmp_path, capsys):
+    """With `--checkpoint-hashes`, each checkpoint gets the sha256 of every file the marker lists (written by a
+    thread after the checkpoint is complete); `--resume` then finds a file changed at the same size."""
+    from minrnn_training.loop import main
+
+    out = tmp_path / "out"
+    main([*TINY, "--batch-size", "2", "--max-steps", "2", "--save-every", "1", "--sample-tokens", "0",
+          "--checkpoint-hashes", "true", "--output-dir", str(out)])
+    latest = out / "checkpoints" / "step-0000002"
+    for checkpoint in (out / "checkpoints" / "step-0000001", latest):
+        files = json.loads((checkpoint / COMPLETE_MARKER).read_text())["files"]
+        assert "model.safetensors" in files and "tokenizer/tokenizer.json" in files
+        assert not any(name.startswith("pretrained/") for name in files)  # the weights once: no save_pretrained copy
+        assert json.loads((checkpoint / "checkpoint_hashes.json").read_text()).keys() == files.keys()
+    with open(latest / "optimizer.bin", "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 1]))
+    assert resumable_checkpoint(str(out)) == out / "checkpoints" / "step-0000001"
+    assert f"damaged checkpoint skipped: {latest}/optimizer.bin differs from the file saved (sha256)" in (
+        capsys.readouterr().err)
