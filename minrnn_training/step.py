@@ -60,3 +60,11 @@ def optimizer_step(accelerator, model, optimizer, forward_backward: Callable[[in
             optimizer.zero_grad(set_to_none=True)
     loss = float(accelerator.reduce(loss_sum, reduction="mean")) / accelerator.gradient_accumulation_steps
     return StepResult(loss, float(grad_norm) if grad_norm is not None else math.nan)
+
+
+def one_process_accelerator(device):
+    """An `Accelerator` for one process on `device` (a `torch.device`), in fp32: the experiment scripts' setting
+    (`accelerate launch` and its environment do not change it)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="no")
