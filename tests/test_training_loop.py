@@ -212,3 +212,38 @@ def test_init_from_something_else_is_one_line(tmp_path):
                                          r"reachable Hub model \("):
         main([*TINY, "--init-from", "no/such/folder", "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_match_one_process(tmp_path):
+    """docs/pretraining.md's multi-node recipe, run as 2 nodes x 1 process on 127.0.0.1 over gloo (one launcher per
+    node, a shared output folder): the same trajectory as 1 process with both nodes' rows."""
+    common = [*TINY, "--max-steps", "4", "--eval-every", "4", "--save-every", "2"]
+    run([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [*accelerate_launch("--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
+                                str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                                "--mixed_precision", "no", "--dynamo_backend", "no"),
+             str(SCRIPT), *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
+            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "2 process(es), distributed mode MULTI_CPU" in outputs[0][0]
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+    assert sorted(path.name for path in (tmp_path / "two" / "checkpoints" / "step-0000004").glob("data_state_*")) == [
+        "data_state_rank0.json", "data_state_rank1.json"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
