@@ -247,3 +247,23 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_trainer_steps_run_one_by_one(tmp_path):
+    """The loop's named steps, driven by hand as `train` drives them: set-up, optimizer steps, evaluation, a
+    checkpoint, the final folder."""
+    from minrnn_training.config import parse_args
+    from minrnn_training.loop import Trainer, preflight
+
+    config, options = parse_args([*TINY, "--batch-size", "2", "--max-steps", "2", "--sample-tokens", "0",
+                                  "--output-dir", str(tmp_path / "out")])
+    trainer = Trainer(config, options, preflight(config, options))
+    first, second = trainer.train_step(0), trainer.train_step(1)
+    assert (first["step"], second["step"]) == (1, 2) and second["tokens_seen"] == 2 * 2 * 32
+    assert second["loss"] < first["loss"] and math.isfinite(second["grad_norm"])
+    eval_loss = trainer.evaluate(2)
+    trainer.save(2)
+    summary = trainer.finish(eval_loss)
+    assert [r["step"] for r in train_log(tmp_path / "out")] == [1, 2, 2]
+    assert (tmp_path / "out" / "checkpoints" / "step-0000002" / "tokenizer" / "tokenizer.json").is_file()
+    assert summary["model_files"] and all((tmp_path / "out" / name).is_file() for name in summary["model_files"])
