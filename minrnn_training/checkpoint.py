@@ -167,6 +167,19 @@ def save_checkpoint(accelerator, model, tokenizer, config: TrainConfig, state: d
     return final
 
 
+def save_tied_weights_once(accelerator) -> None:
+    """Make `accelerator.save_state` leave out the tied copies of a weight (the output head), as save_pretrained
+    does; loading re-ties them. accelerate's safetensors save would drop them itself, with a warning at every
+    checkpoint."""
+    def leave_out_tied_copies(models, weights, folder):
+        for wrapped, state in zip(models, weights, strict=True):
+            tied = accelerator.unwrap_model(wrapped).all_tied_weights_keys
+            for key in [key for key in state if key.removeprefix("module.") in tied]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(leave_out_tied_copies)
+
+
 def trainer_state(checkpoint: Path) -> dict:
     """The `trainer_state.json` of a checkpoint: `step`, `tokens_seen`, `world_size` and the run's `config`."""
     return json.loads((checkpoint / "trainer_state.json").read_text())

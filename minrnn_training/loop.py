@@ -31,6 +31,7 @@ from .checkpoint import (
     remove_run,
     resumable_checkpoint,
     save_checkpoint,
+    save_tied_weights_once,
     trainer_state,
 )
 from .config import (
@@ -240,18 +241,10 @@ class Trainer:
         optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
                                    betas=(config.beta1, config.beta2))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_save_state_pre_hook(self._leave_out_tied_copies)
+        save_tied_weights_once(accelerator)
         # This process's rows of every micro-step, each with its own carried state.
         self.carried = (CarriedState(config.batch_size * config.gradient_accumulation_steps, config.state_reset,
                                      tokenizer.eos_token_id) if config.carry_state else None)
-
-    def _leave_out_tied_copies(self, models, weights, folder) -> None:
-        # accelerate's safetensors save drops an alias of a tied weight itself, with a warning at every checkpoint;
-        # leave the tied copies (the output head) out first, as save_pretrained does. Loading re-ties them.
-        for wrapped, state in zip(models, weights, strict=True):
-            tied = self.accelerator.unwrap_model(wrapped).all_tied_weights_keys
-            for key in [key for key in state if key.removeprefix("module.") in tied]:
-                del state[key]
 
     def _describe(self) -> None:
         config, world = self.config, self.accelerator.num_processes
