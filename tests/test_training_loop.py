@@ -267,3 +267,36 @@ def test_trainer_steps_run_one_by_one(tmp_path):
     assert [r["step"] for r in train_log(tmp_path / "out")] == [1, 2, 2]
     assert (tmp_path / "out" / "checkpoints" / "step-0000002" / "tokenizer" / "tokenizer.json").is_file()
     assert summary["model_files"] and all((tmp_path / "out" / name).is_file() for name in summary["model_files"])
+
+
+@pytest.mark.slow
+def test_init_from_a_hub_model_id(tmp_path):
+    """`--init-from user/model` downloads the model and its tokenizer from the Hub (the loopback one of
+    tests/hub_server.py) and trains from its weights."""
+    import os
+
+    import torch
+    from hub_server import LoopbackHub
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    main([*TINY, "--batch-size", "2", "--max-steps", "2", "--sample-tokens", "0", "--output-dir", str(first)])
+    files = json.loads((first / "training_summary.json").read_text())["model_files"]
+    with LoopbackHub(tokens={"hf_secret": "alice"}) as hub:
+        hub_env = {**env(), "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_secret",
+                   "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            hub_env.pop(key, None)
+        upload = ("from huggingface_hub import HfApi; api = HfApi(); api.create_repo('alice/tiny'); "
+                  f"api.upload_folder(folder_path={str(first)!r}, repo_id='alice/tiny', allow_patterns={files!r})")
+        subprocess.run([sys.executable, "-c", upload], env=hub_env, check=True, capture_output=True, timeout=300)
+        tuned = tmp_path / "tuned"
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), *TINY, "--init-from", "alice/tiny", "--batch-size", "2", "--max-steps", "1",
+             "--lr", "1e-12", "--min-lr", "1e-12", "--sample-tokens", "0", "--output-dir", str(tuned)],
+            cwd=REPO, env=hub_env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from alice/tiny" in result.stdout and os.path.isdir(tmp_path / "hf_home")
+    before, after = load_file(first / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-9, msg=name)
