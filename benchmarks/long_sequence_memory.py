@@ -93,7 +93,10 @@ def run_point(method: str, seq: int, chunk_size: int, threads: int) -> dict:
     """`measure_point` in a fresh subprocess, so that no earlier point's memory or peak counts."""
     command = [sys.executable, __file__, "--point", method, str(seq), "--chunk-size", str(chunk_size),
                "--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # This checkout's packages first, whichever copy is installed.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": path})
     if result.returncode != 0:
         raise RuntimeError(f"{method} at T={seq} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
