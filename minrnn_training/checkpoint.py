@@ -180,6 +180,29 @@ def save_tied_weights_once(accelerator) -> None:
     accelerator.register_save_state_pre_hook(leave_out_tied_copies)
 
 
+def is_checkpoint(folder: str) -> bool:
+    """Whether `folder` is a checkpoint `save_checkpoint` wrote (rather than a `save_pretrained` folder)."""
+    return (Path(folder) / "trainer_state.json").is_file()
+
+
+def load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """Load a checkpoint's weights (accelerate's `model.safetensors`) into an unwrapped `model` of its architecture:
+    the model of any step of a run, without a `save_pretrained` copy of it."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"init_from={str(checkpoint)!r}: no model.safetensors (a checkpoint saved under FSDP or "
+                          "DeepSpeed holds its weights otherwise); give the run's final folder instead")
+    weights = {key.removeprefix("module."): value for key, value in load_file(path).items()}  # DDP's prefix
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(model.all_tied_weights_keys)  # left out when saved (save_tied_weights_once)
+    if unexpected or set(missing) - tied:
+        raise ConfigError(f"init_from={str(checkpoint)!r}: its weights do not fit the model (missing "
+                          f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+    model.tie_weights()
+
+
 def trainer_state(checkpoint: Path) -> dict:
     """The `trainer_state.json` of a checkpoint: `step`, `tokens_seen`, `world_size` and the run's `config`."""
     return json.loads((checkpoint / "trainer_state.json").read_text())

@@ -56,8 +56,9 @@ class TrainConfig:
         "none = minrnn_training.tokenizer.DEFAULT_CHAT_TEMPLATE")
     # Model (MinRNNConfig).
     init_from: str | None = HfArg(
-        default=None, help="start from this trained model: a save_pretrained folder (a finished run's output_dir) "
-        "or a Hub model id; its architecture, weights and tokenizer (unless --tokenizer) are kept, while data, "
+        default=None, help="start from this trained model: a save_pretrained folder (a finished run's output_dir), "
+        "a run's checkpoint (output_dir/checkpoints/step-N) or a Hub model id; its architecture, weights and "
+        "tokenizer (unless --tokenizer) are kept, while data, "
         "schedule, optimizer, dropout and scan_backend are this run's; none = a new model from the settings below")
     cell_type: str = HfArg(default="mingru", help="the recurrent cell (MinRNNConfig.cell_type: mingru, minlstm)")
     hidden_size: int = HfArg(default=128, help="model width")
@@ -358,17 +359,28 @@ ARCHITECTURE = ("cell_type", "hidden_size", "num_hidden_layers", "expansion_fact
 
 def adopt_architecture(config: TrainConfig) -> None:
     """Set `config`'s architecture to the `init_from` model's (its config file only, no weights), so that the run
-    records and checks what it trains; one line when `init_from` is no minrnn model."""
+    records and checks what it trains; one line when `init_from` is no minrnn model.
+
+    `init_from` is a `save_pretrained` folder, a Hub model id, or a checkpoint of a run (`checkpoints/step-N`,
+    whose `trainer_state.json` holds the run's settings)."""
+    import json
+
     from transformers import AutoConfig
 
     import modeling_minrnn  # noqa: F401  (registers "minrnn" with AutoConfig)
 
+    run_state = Path(config.init_from) / "trainer_state.json"
+    if run_state.is_file():
+        saved = json.loads(run_state.read_text())["config"]
+        for key in ARCHITECTURE:
+            setattr(config, key, saved[key])
+        return
     try:
         pretrained = AutoConfig.from_pretrained(config.init_from)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
-        raise ConfigError(f"init_from={config.init_from!r}: not a save_pretrained folder or a reachable Hub model "
-                          f"({reason})") from None
+        raise ConfigError(f"init_from={config.init_from!r}: not a save_pretrained folder, a run's checkpoint or a "
+                          f"reachable Hub model ({reason})") from None
     if pretrained.model_type != "minrnn":
         raise ConfigError(f"init_from={config.init_from!r} is a {pretrained.model_type!r} model; give a minrnn one")
     for key in ARCHITECTURE:

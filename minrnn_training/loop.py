@@ -27,7 +27,9 @@ from .checkpoint import (
     checkpoint_dir,
     export_pretrained,
     hash_in_background,
+    is_checkpoint,
     load_checkpoint,
+    load_checkpoint_weights,
     remove_run,
     resumable_checkpoint,
     save_checkpoint,
@@ -225,12 +227,15 @@ class Trainer:
         from .carried_state import CarriedState
 
         config, accelerator, tokenizer = self.config, self.accelerator, self.tokenizer
-        if config.init_from:
-            # The architecture is the checkpoint's (preflight copied it into `config`); run settings are this run's.
+        # With `init_from` the architecture is its model's (preflight copied it into `config`); run settings
+        # (dropout, scan_backend) are this run's.
+        if config.init_from and not is_checkpoint(config.init_from):
             model = MinRNNForCausalLM.from_pretrained(config.init_from, dropout=config.dropout,
                                                       scan_backend=config.scan_backend)
         else:
             model = MinRNNForCausalLM(model_config(config, self.vocab_size, tokenizer))
+            if config.init_from:
+                load_checkpoint_weights(model, Path(config.init_from))
         model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=config.sample_temperature,

@@ -123,7 +123,9 @@ def run_tokenizer(config: TrainConfig, splits, accelerator, checkpoint: Path | N
     elif config.tokenizer:
         source = Path(config.tokenizer)
     elif config.init_from:
-        source = config.init_from  # the model's own tokenizer (a folder or a Hub id)
+        # The model's own tokenizer: in a checkpoint's `tokenizer/`, in a save_pretrained folder or Hub repository.
+        checkpoint_tokenizer = Path(config.init_from) / "tokenizer"
+        source = checkpoint_tokenizer if checkpoint_tokenizer.is_dir() else config.init_from
     else:
         source = Path(config.output_dir) / "tokenizer"
         if accelerator.is_main_process:

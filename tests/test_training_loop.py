@@ -167,13 +167,14 @@ def test_push_to_hub_publishes_checkpoints_and_final_folder(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_init_from_a_finished_run_then_resume_it_is_refused(tmp_path):
-    """`--init-from` a finished run's folder trains its model (architecture, weights, tokenizer) further on new data
-    under a new schedule; `--resume` on the finished run says in one line that it finished and what to do instead."""
+    """`--init-from` a finished run's folder (or one of its checkpoints) trains its model (architecture, weights,
+    tokenizer) further on new data under a new schedule; `--resume` on the finished run says in one line that it
+    finished and what to do instead."""
     import torch
     from safetensors.torch import load_file
 
     first = tmp_path / "first"
-    main([*TINY, "--batch-size", "4", "--max-steps", "12", "--eval-every", "12", "--save-every", "12",
+    main([*TINY, "--batch-size", "4", "--max-steps", "12", "--eval-every", "12", "--save-every", "6",
           "--sample-tokens", "0", "--output-dir", str(first)])
     for extra in ([], ["--max-steps", "600"]):
         with pytest.raises(SystemExit) as refused:
@@ -196,6 +197,16 @@ def test_init_from_a_finished_run_then_resume_it_is_refused(tmp_path):
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-9, msg=name)
     assert (frozen / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
 
+    # A checkpoint of the run (step 6 of 12) serves too: its weights, without a save_pretrained copy of them.
+    middle = first / "checkpoints" / "step-0000006"
+    from_middle = tmp_path / "from_middle"
+    main([*common, "--init-from", str(middle), "--max-steps", "1", "--lr", "1e-12", "--min-lr", "1e-12",
+          "--output-dir", str(from_middle)])
+    saved, loaded = load_file(middle / "model.safetensors"), load_file(from_middle / "model.safetensors")
+    assert saved.keys() <= loaded.keys() and any(not torch.equal(saved[k], before[k]) for k in saved)
+    for name in saved:
+        torch.testing.assert_close(loaded[name], saved[name], rtol=0, atol=1e-9, msg=name)
+
     tuned, fresh = tmp_path / "tuned", tmp_path / "fresh"
     main([*common, "--init-from", str(first), "--max-steps", "4", "--lr", "1e-3", "--output-dir", str(tuned)])
     main([*common, "--tokenizer", str(first), "--hidden-size", "32", "--max-steps", "4", "--lr", "1e-3",
@@ -208,8 +219,8 @@ def test_init_from_a_finished_run_then_resume_it_is_refused(tmp_path):
 
 
 def test_init_from_something_else_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: init_from='no/such/folder': not a save_pretrained folder or a "
-                                         r"reachable Hub model \("):
+    with pytest.raises(SystemExit, match=r"^error: init_from='no/such/folder': not a save_pretrained folder, a "
+                                         r"run's checkpoint or a reachable Hub model \("):
         main([*TINY, "--init-from", "no/such/folder", "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
