@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from minrnn_training.carried_state import CarriedState
 from minrnn_training.data import PackedBlocks, TokenStreams, load_text_splits, tokenize_documents
-from minrnn_training.schedule import decay_groups, lr_at, set_lr
+from minrnn_training.schedule import lr_at
+from minrnn_training.step import backward, make_optimizer, one_process_accelerator, optimizer_step
 from minrnn_training.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,8 @@ def build_model(kind: str, vocab_size: int, args):
 
 def train(model, kind: str, tokens: np.ndarray, args) -> dict:
     """`args.steps` AdamW steps of `batch_size` blocks of `block_size` inputs (and as many targets) each."""
-    optimizer = torch.optim.AdamW(decay_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95))
+    accelerator = one_process_accelerator(torch.device("cpu"))
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, lr=args.lr, weight_decay=0.1))
     if kind == "mingru-carried":
         streams = TokenStreams(tokens, args.batch_size, args.block_size)
         carried = CarriedState(args.batch_size, "none")
@@ -112,21 +114,19 @@ def train(model, kind: str, tokens: np.ndarray, args) -> dict:
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
+        def forward_backward(_, step=step):
+            if kind == "mingru-carried":
+                inputs, targets = (torch.from_numpy(part) for part in streams.block(step, range(args.batch_size)))
+                out = carried.forward(model, inputs, targets, slice(None), step, fresh=streams.starts_epoch(step))
+            else:
+                rows = torch.from_numpy(blocks.batch(step, args.batch_size))
+                inputs, targets = rows[:, :-1], rows[:, 1:].contiguous()
+                out = model(input_ids=inputs, labels=inputs, shift_labels=targets, use_cache=False)
+            return backward(accelerator, out.loss)
+
         # pretrain.py's schedule, cosine to a tenth of the peak.
-        set_lr(optimizer, lr_at(step, lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup_steps,
-                                max_steps=args.steps))
-        if kind == "mingru-carried":
-            inputs, targets = (torch.from_numpy(part) for part in streams.block(step, range(args.batch_size)))
-            out = carried.forward(model, inputs, targets, slice(None), step, fresh=streams.starts_epoch(step))
-        else:
-            rows = torch.from_numpy(blocks.batch(step, args.batch_size))
-            inputs, targets = rows[:, :-1], rows[:, 1:].contiguous()
-            out = model(input_ids=inputs, labels=inputs, shift_labels=targets, use_cache=False)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+        lr = lr_at(step, lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup_steps, max_steps=args.steps)
+        losses.append(optimizer_step(accelerator, model, optimizer, forward_backward, lr=lr, grad_clip=1.0).loss)
         if (step + 1) % 100 == 0:
             print(f"  {kind} step {step + 1}/{args.steps}: loss {np.mean(losses[-100:]):.4f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)

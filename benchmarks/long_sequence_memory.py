@@ -5,9 +5,9 @@
 
 A small model (hidden 64, 2 minGRU layers, expansion 2, conv 4, MLP 256, vocab 256, batch 1, random tokens) computes
 the next-token loss over T tokens and its gradients, either by full backprop (`model(ids, labels=ids).loss
-.backward()`) or by `model.chunked_backward(ids, chunk_size=...)`. Every point runs in a fresh subprocess: a warm-up
-call at 512 tokens, a first call at T (RSS growth), 3 timed calls (the best is reported), then one call under
-`torch.profiler` for the tensor peak. Two peaks are reported:
+.backward()`) or by `minrnn_training.chunked_backward.chunked_backward(accelerator, model, ids, chunk_size=...)`.
+Every point runs in a fresh subprocess: a warm-up call at 512 tokens, a first call at T (RSS growth), 3 timed calls
+(the best is reported), then one call under `torch.profiler` for the tensor peak. Two peaks are reported:
 
 - tensor peak: torch.profiler's allocation and free events (`profile_memory=True`) summed in time order, above
   what was live before the call (`benchmark.peak_memory_bytes`): exact for tensors, blind to allocator slack;
@@ -47,10 +47,13 @@ def resident_bytes() -> int:
 
 def measure_point(method: str, seq: int, chunk_size: int, threads: int) -> dict:
     """One point, in this process: warm-up, a timed call (RSS growth), a profiled call (tensor peak)."""
+    from accelerate import Accelerator
     from benchmark import peak_memory_bytes
 
+    from minrnn_training.chunked_backward import chunked_backward
     from modeling_minrnn import MinRNNConfig, MinRNNForCausalLM
 
+    accelerator = Accelerator(cpu=True)  # one process: its backward is `loss.backward()`
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = MinRNNForCausalLM(MinRNNConfig(**MODEL)).train()
@@ -61,7 +64,7 @@ def measure_point(method: str, seq: int, chunk_size: int, threads: int) -> dict:
             loss = model(ids, labels=ids, use_cache=False).loss
             loss.backward()
             return float(loss)
-        return float(model.chunked_backward(ids, chunk_size=chunk_size).loss)
+        return float(chunked_backward(accelerator, model, ids, chunk_size=chunk_size).loss)
 
     generator = torch.Generator().manual_seed(1)
     step(torch.randint(0, MODEL["vocab_size"], (1, 512), generator=generator))  # kernels built, threads started
@@ -90,7 +93,10 @@ def run_point(method: str, seq: int, chunk_size: int, threads: int) -> dict:
     """`measure_point` in a fresh subprocess, so that no earlier point's memory or peak counts."""
     command = [sys.executable, __file__, "--point", method, str(seq), "--chunk-size", str(chunk_size),
                "--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # This checkout's packages first, whichever copy is installed.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": path})
     if result.returncode != 0:
         raise RuntimeError(f"{method} at T={seq} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -55,6 +55,11 @@ class TrainConfig:
         default=None, help="Jinja chat template saved with the tokenizer: the template, or a file holding it; "
         "none = minrnn_training.tokenizer.DEFAULT_CHAT_TEMPLATE")
     # Model (MinRNNConfig).
+    init_from: str | None = HfArg(
+        default=None, help="start from this trained model: a save_pretrained folder (a finished run's output_dir), "
+        "a run's checkpoint (output_dir/checkpoints/step-N) or a Hub model id; its architecture, weights and "
+        "tokenizer (unless --tokenizer) are kept, while data, "
+        "schedule, optimizer, dropout and scan_backend are this run's; none = a new model from the settings below")
     cell_type: str = HfArg(default="mingru", help="the recurrent cell (MinRNNConfig.cell_type: mingru, minlstm)")
     hidden_size: int = HfArg(default=128, help="model width")
     num_hidden_layers: int = HfArg(default=3, help="number of blocks")
@@ -101,6 +106,9 @@ class TrainConfig:
     output_dir: str = HfArg(default="out/tiny", help="folder of the run: checkpoints, logs, the final model")
     save_every: int = HfArg(default=100, help="steps between checkpoints")
     keep_last: int = HfArg(default=2, help="checkpoints kept (older ones are deleted)")
+    checkpoint_hashes: bool = HfArg(
+        default=False, help="record sha256 hashes of each checkpoint's files (a thread of the main process, while "
+        "training goes on) and verify them on --resume; file sizes are always recorded and verified")
     log_with: Literal["tensorboard", "none"] = HfArg(default="tensorboard", help="experiment tracker")
     push_to_hub: str | None = HfArg(default=None, help="Hub repo id to publish checkpoints and the final model to")
     hub_private: bool = HfArg(default=False, help="create the Hub repo as private")
@@ -120,7 +128,7 @@ class LaunchOptions:
 RESUMABLE_CHANGES = {
     "eval_every", "eval_batches", "sample_prompt", "sample_tokens", "sample_temperature", "sample_top_k",
     "save_every", "keep_last", "log_with", "push_to_hub", "hub_private", "tokenizer_max_chars", "output_dir",
-    "chat_template",
+    "chat_template", "checkpoint_hashes",
 }
 
 
@@ -342,6 +350,41 @@ def warn(message: str) -> None:
     """
     if os.environ.get("RANK", "0") == "0":
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# The settings an `init_from` model fixes: its architecture (MinRNNConfig's fields of the same names).
+ARCHITECTURE = ("cell_type", "hidden_size", "num_hidden_layers", "expansion_factor", "conv_kernel",
+                "intermediate_size", "tie_word_embeddings", "vocab_size")
+
+
+def adopt_architecture(config: TrainConfig) -> None:
+    """Set `config`'s architecture to the `init_from` model's (its config file only, no weights), so that the run
+    records and checks what it trains; one line when `init_from` is no minrnn model.
+
+    `init_from` is a `save_pretrained` folder, a Hub model id, or a checkpoint of a run (`checkpoints/step-N`,
+    whose `trainer_state.json` holds the run's settings)."""
+    import json
+
+    from transformers import AutoConfig
+
+    import modeling_minrnn  # noqa: F401  (registers "minrnn" with AutoConfig)
+
+    run_state = Path(config.init_from) / "trainer_state.json"
+    if run_state.is_file():
+        saved = json.loads(run_state.read_text())["config"]
+        for key in ARCHITECTURE:
+            setattr(config, key, saved[key])
+        return
+    try:
+        pretrained = AutoConfig.from_pretrained(config.init_from)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"init_from={config.init_from!r}: not a save_pretrained folder, a run's checkpoint or a "
+                          f"reachable Hub model ({reason})") from None
+    if pretrained.model_type != "minrnn":
+        raise ConfigError(f"init_from={config.init_from!r} is a {pretrained.model_type!r} model; give a minrnn one")
+    for key in ARCHITECTURE:
+        setattr(config, key, getattr(pretrained, key))
 
 
 def model_config(config: TrainConfig, vocab_size: int, tokenizer=None):

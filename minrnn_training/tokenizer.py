@@ -113,14 +113,19 @@ def chat_template(value: str | None) -> str:
 
 
 def run_tokenizer(config: TrainConfig, splits, accelerator, checkpoint: Path | None):
-    """A training run's tokenizer: the checkpoint's when resuming, a given one, or one trained on the training split
-    (by the main process, then loaded by all: every process gets the same ids); with the run's chat template."""
+    """A training run's tokenizer: the checkpoint's when resuming, a given one, the `init_from` model's, or one
+    trained on the training split (by the main process, then loaded by all: every process gets the same ids); with
+    the run's chat template."""
     from transformers import AutoTokenizer
 
     if checkpoint is not None:
-        source = checkpoint / "pretrained"
+        source = checkpoint / "tokenizer"
     elif config.tokenizer:
         source = Path(config.tokenizer)
+    elif config.init_from:
+        # The model's own tokenizer: in a checkpoint's `tokenizer/`, in a save_pretrained folder or Hub repository.
+        checkpoint_tokenizer = Path(config.init_from) / "tokenizer"
+        source = checkpoint_tokenizer if checkpoint_tokenizer.is_dir() else config.init_from
     else:
         source = Path(config.output_dir) / "tokenizer"
         if accelerator.is_main_process:

@@ -28,7 +28,6 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache_minrnn import forget_before, register_tokens
 from .cells import CELLS
 from .configuration_minrnn import MinRNNConfig
-from .long_sequence import ChunkedBackwardOutput, chunked_backward
 from .packing import check_mask_values, checks_values, padding_mask_from, sequence_starts
 from .scan import cell_recurrence
 
@@ -446,22 +445,6 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         for chunk in input_ids.split(chunk_size, dim=1):
             out = self(chunk, cache=cache, use_cache=True, logits_to_keep=1)
         return out
-
-    def chunked_backward(
-        self,
-        input_ids: torch.LongTensor,
-        labels: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        chunk_size: int = 4096,
-        num_items_in_batch: int | torch.Tensor | None = None,
-    ) -> ChunkedBackwardOutput:
-        """Train on a sequence of any length: the next-token loss over `input_ids` `(batch, seq)` and its exact
-        gradients (added to `.grad`), in memory bounded by `chunk_size` tokens of activations.
-
-        The same loss and gradients as `self(input_ids, labels=labels, attention_mask=attention_mask).loss.backward()`;
-        see `long_sequence.chunked_backward`. Returns `.loss` (detached) and `.num_items` (predicted tokens).
-        """
-        return chunked_backward(self, input_ids, labels, attention_mask, chunk_size, num_items_in_batch)
 
 
 class MinRNNForSequenceClassification(MinRNNPreTrainedModel):

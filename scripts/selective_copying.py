@@ -23,7 +23,8 @@ from pathlib import Path
 from experiment_common import REPO_ROOT, device_name, markdown_table, plot_curves, setup_torch, write_results
 
 from minrnn_training.config import parse_settings
-from minrnn_training.schedule import decay_groups, lr_at, set_lr
+from minrnn_training.schedule import lr_at
+from minrnn_training.step import backward, make_optimizer, one_process_accelerator, optimizer_step
 from modeling_minrnn.cells import CELL_TYPES
 
 VOCAB_SIZE = 16
@@ -134,17 +135,6 @@ def build_model(cell: str, depth: int, settings: Settings):
     return MinRNNForCausalLM(config)
 
 
-def make_optimizer(model, settings: Settings):
-    """AdamW under the project's weight-decay policy (`minrnn_training.schedule.decay_groups`).
-
-    The paper's code decays everything but the cell's gate projection (`to_hidden_and_gate` there); here the
-    policy of every other script of the project holds: matrices and embeddings, not biases and norms.
-    """
-    import torch
-
-    return torch.optim.AdamW(decay_groups(model, settings.weight_decay), lr=settings.lr)
-
-
 def loss_and_accuracy(model, inputs, targets):
     """Cross-entropy and accuracy of the outputs at the `PRED` markers (the last `targets.shape[1]` positions)."""
     import torch.nn.functional as F
@@ -186,29 +176,34 @@ def train_one(name: str, settings: Settings, device, val_set, test_set) -> dict:
 
     cell, depth = parse_model_name(name)
     torch.manual_seed(settings.seed)
+    accelerator = one_process_accelerator(device)
     model = build_model(cell, depth, settings).to(device).train()
-    optimizer = make_optimizer(model, settings)
+    # The paper's code decays everything but the cell's gate projection (`to_hidden_and_gate` there); here the
+    # policy of every other script of the project holds: matrices and embeddings, not biases and norms.
+    model, optimizer = accelerator.prepare(
+        model, make_optimizer(model, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999)))
     # Every model sees the same stream of training batches.
     generator = torch.Generator().manual_seed(settings.seed)
 
     history, train_time, loss_sum, loss_count = [], 0.0, 0.0, 0
     best_accuracy, best_state, best_step = -1.0, None, 0
     for step in range(1, settings.max_steps + 1):
-        if settings.min_lr is not None:
-            set_lr(optimizer, lr_at(step - 1, lr=settings.lr, min_lr=settings.min_lr,
-                                    warmup_steps=settings.warmup_steps, max_steps=settings.max_steps))
+        lr = settings.lr if settings.min_lr is None else lr_at(
+            step - 1, lr=settings.lr, min_lr=settings.min_lr, warmup_steps=settings.warmup_steps,
+            max_steps=settings.max_steps)
         inputs, targets = sample_selective_copying(
             settings.batch_size, settings.seq_len, settings.num_memorize, generator
         )
+        inputs, targets = inputs.to(device), targets.to(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        loss, _ = loss_and_accuracy(model, inputs.to(device), targets.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1  # .item() also waits for the GPU
+
+        def forward_backward(_, inputs=inputs, targets=targets):
+            return backward(accelerator, loss_and_accuracy(model, inputs, targets)[0])
+
+        result = optimizer_step(accelerator, model, optimizer, forward_backward, lr=lr, grad_clip=settings.grad_clip)
+        loss_sum, loss_count = loss_sum + result.loss, loss_count + 1  # the loss as a float waits for the GPU
         train_time += time.perf_counter() - started
 
         if step % settings.eval_every == 0 or step == settings.max_steps:

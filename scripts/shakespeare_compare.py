@@ -50,7 +50,8 @@ from pathlib import Path
 from experiment_common import REPO_ROOT, device_name, markdown_table, plot_curves, setup_torch, write_results
 
 from minrnn_training.config import parse_settings
-from minrnn_training.schedule import decay_groups, lr_at, set_lr
+from minrnn_training.schedule import lr_at
+from minrnn_training.step import backward, make_optimizer, one_process_accelerator, optimizer_step
 
 # Where `python scripts/download_tinyshakespeare.py` puts the corpus.
 DEFAULT_DATA = REPO_ROOT / "data" / "tinyshakespeare.txt"
@@ -339,13 +340,6 @@ def matched_shapes(settings: Settings, vocab_size: int) -> dict:
     return shapes
 
 
-def make_optimizer(model, settings: Settings, lr: float):
-    """AdamW under the project's weight-decay policy (`minrnn_training.schedule.decay_groups`)."""
-    import torch
-
-    return torch.optim.AdamW(decay_groups(model, settings.weight_decay), lr=lr, betas=(0.9, settings.beta2))
-
-
 # ------------------------------------------------------------------------------------------------------ training
 
 
@@ -409,8 +403,10 @@ def train_one(run: Run, shape: dict, settings: Settings, data: TokenData) -> dic
     # CPU time of this process: runs sharing the machine get the same compute however busy it is.
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     torch.manual_seed(settings.seed)
+    accelerator = one_process_accelerator(device)
     model = build_model(run.kind, settings, data.vocab_size, **shape).to(device).train()
-    optimizer = make_optimizer(model, settings, run.lr)
+    model, optimizer = accelerator.prepare(
+        model, make_optimizer(model, lr=run.lr, weight_decay=settings.weight_decay, betas=(0.9, settings.beta2)))
     # The same schedule shape at every rate: warmup to `run.lr`, cosine to `min_lr` scaled as `run.lr / lr`.
     schedule = {"lr": run.lr, "min_lr": settings.min_lr * run.lr / settings.lr,
                 "warmup_steps": settings.warmup_steps, "max_steps": settings.max_steps}
@@ -427,18 +423,19 @@ def train_one(run: Run, shape: dict, settings: Settings, data: TokenData) -> dic
     while progress(step, train_time) < 1.0:
         # The schedule is a function of the budget's progress: steps, or seconds of training.
         lr = lr_at(progress(step, train_time) * settings.max_steps, **schedule)
-        set_lr(optimizer, lr)
         inputs, targets = random_windows(data.train, settings.batch_size, settings.context, generator)
+        inputs, targets = inputs.to(device), targets.to(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = clock()
-        logits = model(input_ids=inputs.to(device)).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        loss_sum += loss.item()  # .item() also waits for the GPU
+
+        def forward_backward(_, inputs=inputs, targets=targets):
+            logits = model(input_ids=inputs).logits
+            return backward(accelerator, F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         targets.reshape(-1)))
+
+        result = optimizer_step(accelerator, model, optimizer, forward_backward, lr=lr, grad_clip=settings.grad_clip)
+        loss_sum += result.loss  # the loss as a float waits for the GPU
         train_time += clock() - started
         step += 1
 

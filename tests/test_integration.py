@@ -38,7 +38,7 @@ def test_save_and_load_with_auto_classes_keeps_logits(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "minrnn"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_minrnn.MinRNNForCausalLM"
-    for name in ("cache_minrnn.py", "configuration_minrnn.py", "long_sequence.py", "modeling_minrnn.py", "scan.py",
+    for name in ("cache_minrnn.py", "configuration_minrnn.py", "modeling_minrnn.py", "scan.py",
                  "scan_cpu.py", "scan_triton.py"):
         assert (tmp_path / name).exists(), name
 

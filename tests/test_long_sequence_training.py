@@ -1,4 +1,4 @@
-"""Exact gradients over a long sequence in chunks (`MinRNNForCausalLM.chunked_backward`): checkpointing over time.
+"""Exact gradients over a long sequence in chunks (`minrnn_training.chunked_backward`): checkpointing over time.
 
 Every check compares against full-sequence backprop (`model(ids, labels=...).loss.backward()`) at a length where
 both fit: both cells, conv on and off, chunk sizes that do not divide the length, a chunk of one token and chunks
@@ -8,17 +8,25 @@ shorter than the conv window, padding and -100 labels, gradient accumulation, ev
 import importlib.util
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import tiny_model as identity_conv_model
-from pretrain_runs import TINY, TWO_PROCESSES, run, step_losses
+from pretrain_runs import TINY, TWO_PROCESSES, env, run, step_losses
 from transformers.cache_utils import Cache
 
-from modeling_minrnn.long_sequence import _GraphStateLayer
+from minrnn_training.chunked_backward import _GraphStateLayer, chunked_backward
 
 BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_sequence_memory.py"
+
+
+def one_process(**kwargs):
+    """An `Accelerator` on this process; without options `accelerator.backward` is `loss.backward()`. A new one per
+    use: accelerate shares the accumulation settings between instances."""
+    return Accelerator(cpu=True, **kwargs)
 
 
 def tiny_model(seed=0, **overrides):
@@ -57,7 +65,8 @@ def full_backprop(model, ids, labels, mask):
 
 def chunked(model, ids, labels, mask, chunk_size, **kwargs):
     model.zero_grad()
-    out = model.chunked_backward(ids, labels=labels, attention_mask=mask, chunk_size=chunk_size, **kwargs)
+    out = chunked_backward(one_process(), model, ids, labels=labels, attention_mask=mask, chunk_size=chunk_size,
+                           **kwargs)
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -76,6 +85,22 @@ def test_gradients_equal_full_backprop(cell_type, conv_kernel, chunk_size):
     out, got = chunked(model, ids, labels, mask, chunk_size)
     torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6)  # the loss itself is computed in fp32
     assert out.num_items == int((labels[:, 1:] != -100).sum())
+    assert_grads_close(got, expected)
+
+
+def test_accumulation_and_fp16_loss_scale_pass_through_accelerate():
+    """`accelerator.backward` divides by `gradient_accumulation_steps` and multiplies by the fp16 loss scale; the
+    gradient each chunk hands back carries that factor, so it is divided out before the next chunk's backward: the
+    result is full backprop's gradient times the factor, as `accelerator.backward(loss)` gives it."""
+    model = tiny_model()
+    ids, labels, mask = batch()
+    _, expected = full_backprop(model, ids, labels, mask)
+    accelerator = one_process(gradient_accumulation_steps=4)
+    # accelerate makes no loss scaler on CPUs (fp16 there runs in fp32); this is the one it makes on GPUs.
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model.zero_grad()
+    chunked_backward(accelerator, model, ids, labels=labels, attention_mask=mask, chunk_size=5)
+    got = {name: p.grad * 4 / 2.0**10 for name, p in model.named_parameters()}
     assert_grads_close(got, expected)
 
 
@@ -98,7 +123,7 @@ def test_gradient_accumulation_adds_into_grad():
     total = int((labels[:, 1:] != -100).sum())
     model.zero_grad()
     losses = [
-        model.chunked_backward(ids[i : i + 1], labels[i : i + 1], mask[i : i + 1], chunk_size=5,
+        chunked_backward(one_process(), model, ids[i : i + 1], labels[i : i + 1], mask[i : i + 1], chunk_size=5,
                                num_items_in_batch=total).loss
         for i in range(len(ids))
     ]
@@ -111,7 +136,7 @@ def test_default_labels_are_the_inputs():
     ids, _, _ = batch(seq=12)
     loss, expected = full_backprop(model, ids, ids, None)
     model.zero_grad()
-    out = model.chunked_backward(ids, chunk_size=5)
+    out = chunked_backward(one_process(), model, ids, chunk_size=5)
     torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6)
     assert_grads_close({name: p.grad for name, p in model.named_parameters()}, expected)
 
@@ -164,7 +189,7 @@ def test_bad_input_is_refused_in_one_line(kwargs, message):
     model = tiny_model()
     arguments = {"input_ids": torch.randint(3, 48, (2, 8)), "chunk_size": 4, **kwargs}
     with pytest.raises(ValueError, match="^" + re.escape(message)):
-        model.chunked_backward(**arguments)
+        chunked_backward(one_process(), model, **arguments)
     assert all(p.grad is None for p in model.parameters())  # refused before any work
 
 
@@ -172,7 +197,7 @@ def test_gradient_checkpointing_is_refused():
     model = tiny_model().train()
     model.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="activation_checkpointing_disable"):
-        model.chunked_backward(torch.randint(3, 48, (1, 8)), chunk_size=4)
+        chunked_backward(one_process(), model, torch.randint(3, 48, (1, 8)), chunk_size=4)
 
 
 @pytest.mark.slow
@@ -208,3 +233,22 @@ def test_pretrain_backprop_chunk_size_trains_the_same_model(tmp_path):
     summaries = [json.loads((tmp_path / name / "training_summary.json").read_text()) for name in ("full", "chunked")]
     assert summaries[1]["final_eval_loss"] == pytest.approx(summaries[0]["final_eval_loss"], rel=1e-4)
     assert summaries[1]["config"]["backprop_chunk_size"] == 7
+
+
+@pytest.mark.slow
+def test_ddp_all_reduces_once_per_step_and_gradients_equal(tmp_path):
+    """2 gloo processes, 2 micro-steps per optimizer step: chunked backward (chunks of 7 tokens in rows of
+    24) all-reduces the gradients as often as full backprop (DDP comm hook), and its losses and synced gradients
+    equal full backprop's."""
+    worker = Path(__file__).resolve().parent / "chunked_backward_ddp.py"
+    result = subprocess.run([*TWO_PROCESSES, str(worker)], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-5000:]
+    for rank in range(2):
+        runs = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        full, chunked = runs["full"], runs["chunked"]
+        assert full["all_reduces"][0] > 0 and chunked["all_reduces"] == full["all_reduces"]
+        assert chunked["losses"] == pytest.approx(full["losses"], rel=1e-5)
+        for got, expected in zip(chunked["grads"], full["grads"], strict=True):
+            assert_grads_close({i: torch.tensor(g) for i, g in enumerate(got)},
+                               {i: torch.tensor(g) for i, g in enumerate(expected)}, rtol=1e-4)

@@ -16,6 +16,7 @@ from minrnn_training.checkpoint import (
     latest_checkpoint,
     remove_run,
     resumable_checkpoint,
+    write_checkpoint_hashes,
 )
 from minrnn_training.config import ConfigError, TrainConfig
 
@@ -49,7 +50,9 @@ def test_a_folder_holding_a_run_is_refused_in_one_line(tmp_path):
     (out / "checkpoints" / "step-0000002" / "pretrained" / "model.safetensors").write_bytes(b"weights")
     for name in ("train_log.jsonl", "model.safetensors", "notes.txt"):
         (out / name).write_text("{}")
-    with pytest.raises(ConfigError, match=r"^output_dir .*out holds another run \(checkpoints, train_log.jsonl\); "
+    (out / "training_summary.json").write_text(json.dumps({"model_files": ["model.safetensors"]}))
+    with pytest.raises(ConfigError, match=r"^output_dir .*out holds another run \(checkpoints, train_log.jsonl, "
+                                          r"training_summary.json\); "
                                           r"continue it with --resume, choose a new --output-dir, or pass "
                                           r"--overwrite_output_dir to delete it and start over$"):
         check_output_dir(str(out), overwrite=False)
@@ -78,6 +81,7 @@ def test_second_run_is_refused_and_a_damaged_checkpoint_is_skipped(tmp_path):
     assert (first / "training_summary.json").read_text() == summary
 
     shutil.copytree(first, tmp_path / "copy")
+    (tmp_path / "copy" / "training_summary.json").unlink()  # as a crash before the end leaves it
     damaged = tmp_path / "copy" / "checkpoints" / "step-0000006" / "optimizer.bin"
     size = damaged.stat().st_size
     with open(damaged, "r+b") as handle:
@@ -95,14 +99,21 @@ def test_second_run_is_refused_and_a_damaged_checkpoint_is_skipped(tmp_path):
 
 
 def test_no_intact_checkpoint_is_one_line_naming_the_file(tmp_path):
+    """Sizes are always checked; a file changed at the same size is found by its hash, where hashes were recorded."""
     root = tmp_path / "checkpoints" / "step-0000004"
     (root / "pretrained").mkdir(parents=True)
     (root / "pretrained" / "model.safetensors").write_bytes(b"weights")
     (root / COMPLETE_MARKER).write_text(json.dumps({"step": 4, "files": checkpoint_manifest(root)}))
     assert resumable_checkpoint(str(tmp_path)) == root
     (root / "pretrained" / "model.safetensors").write_bytes(b"weighty")
+    assert resumable_checkpoint(str(tmp_path)) == root  # same size, no hashes recorded: taken as intact
+    write_checkpoint_hashes(root)
+    (root / "pretrained" / "model.safetensors").write_bytes(b"weightz")
     with pytest.raises(ConfigError, match=r"no intact checkpoint in .*model.safetensors differs from the file "
                                                    r"saved \(sha256\)\); start over with --overwrite_output_dir"):
+        resumable_checkpoint(str(tmp_path))
+    (root / "pretrained" / "model.safetensors").write_bytes(b"weight")
+    with pytest.raises(ConfigError, match=r"model.safetensors has 6 bytes, 7 when saved"):
         resumable_checkpoint(str(tmp_path))
 
 
@@ -143,7 +154,32 @@ def test_resume_continues_exactly(tmp_path, source):
     finished = step_losses(out)
     summary = json.loads((out / "training_summary.json").read_text())
     shutil.rmtree(out / "checkpoints" / "step-0000003")
+    (out / "training_summary.json").unlink()  # as a crash after the step-2 checkpoint leaves the folder
     main([*args, "--resume"])
     assert step_losses(out) == finished
     assert json.loads((out / "training_summary.json").read_text())["final_eval_loss"] == summary["final_eval_loss"]
     assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+
+
+def test_checkpoint_hashes_are_recorded_and_verified(tmp_path, capsys):
+    """With `--checkpoint-hashes`, each checkpoint gets the sha256 of every file the marker lists (written by a
+    thread after the checkpoint is complete); `--resume` then finds a file changed at the same size."""
+    from minrnn_training.loop import main
+
+    out = tmp_path / "out"
+    main([*TINY, "--batch-size", "2", "--max-steps", "2", "--save-every", "1", "--sample-tokens", "0",
+          "--checkpoint-hashes", "true", "--output-dir", str(out)])
+    latest = out / "checkpoints" / "step-0000002"
+    for checkpoint in (out / "checkpoints" / "step-0000001", latest):
+        files = json.loads((checkpoint / COMPLETE_MARKER).read_text())["files"]
+        assert "model.safetensors" in files and "tokenizer/tokenizer.json" in files
+        assert not any(name.startswith("pretrained/") for name in files)  # the weights once: no save_pretrained copy
+        assert json.loads((checkpoint / "checkpoint_hashes.json").read_text()).keys() == files.keys()
+    with open(latest / "optimizer.bin", "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 1]))
+    assert resumable_checkpoint(str(out)) == out / "checkpoints" / "step-0000001"
+    assert f"damaged checkpoint skipped: {latest}/optimizer.bin differs from the file saved (sha256)" in (
+        capsys.readouterr().err)

@@ -135,7 +135,7 @@ def test_bad_input_fails_before_training(tmp_path, monkeypatch, extra, message):
     extra = [str(empty) if arg == "EMPTY" else arg for arg in extra]
     with pytest.raises(SystemExit, match=f"(?s)^error: .*{message}"):
         main([*TINY, "--output-dir", str(tmp_path / "out"), *extra])
-    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+    assert not (tmp_path / "out").exists()  # nothing left behind (a trained tokenizer would refuse the next try)
 
 
 def test_push_to_hub_publishes_checkpoints_and_final_folder(tmp_path, monkeypatch, capsys):
@@ -163,3 +163,151 @@ def test_push_to_hub_publishes_checkpoints_and_final_folder(tmp_path, monkeypatc
     assert (f"warning: {first} not published (cannot reach the Hub at https://hub.test (ConnectionError)); retry "
             f"with python hub_upload/push_to_hub.py --checkpoint {first} --repo-id me/tiny --revision step-1"
             ) in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_init_from_a_finished_run_then_resume_it_is_refused(tmp_path):
+    """`--init-from` a finished run's folder (or one of its checkpoints) trains its model (architecture, weights,
+    tokenizer) further on new data under a new schedule; `--resume` on the finished run says in one line that it
+    finished and what to do instead."""
+    import torch
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    main([*TINY, "--batch-size", "4", "--max-steps", "12", "--eval-every", "12", "--save-every", "6",
+          "--sample-tokens", "0", "--output-dir", str(first)])
+    for extra in ([], ["--max-steps", "600"]):
+        with pytest.raises(SystemExit) as refused:
+            main([*TINY, "--batch-size", "4", "--max-steps", "12", "--output-dir", str(first), "--resume", *extra])
+        assert str(refused.value) == (
+            f"error: --resume: the run in {first} finished (12 steps, training_summary.json); to train its model "
+            f"further start a new run from it: --init-from {first} --output-dir NEW_FOLDER, with its own data and "
+            "schedule (--dataset, --max-steps, --lr)")
+
+    new_data = tmp_path / "new.txt"
+    new_data.write_text("".join(f"def function_{i}(self, value):\n    return value + {i}\n\n" for i in range(400)))
+    common = [*TINY, "--dataset", str(new_data), "--batch-size", "4", "--sample-tokens", "0", "--eval-every", "2",
+              "--save-every", "2", "--hidden-size", "48"]  # the architecture is the checkpoint's, not this option's
+    frozen = tmp_path / "frozen"  # a learning rate too small to move the weights: the folder's weights, trained on
+    main([*common, "--init-from", str(first), "--max-steps", "1", "--lr", "1e-12", "--min-lr", "1e-12",
+          "--output-dir", str(frozen)])
+    before, after = load_file(first / "model.safetensors"), load_file(frozen / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-9, msg=name)
+    assert (frozen / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+
+    # A checkpoint of the run (step 6 of 12) serves too: its weights, without a save_pretrained copy of them.
+    middle = first / "checkpoints" / "step-0000006"
+    from_middle = tmp_path / "from_middle"
+    main([*common, "--init-from", str(middle), "--max-steps", "1", "--lr", "1e-12", "--min-lr", "1e-12",
+          "--output-dir", str(from_middle)])
+    saved, loaded = load_file(middle / "model.safetensors"), load_file(from_middle / "model.safetensors")
+    assert saved.keys() <= loaded.keys() and any(not torch.equal(saved[k], before[k]) for k in saved)
+    for name in saved:
+        torch.testing.assert_close(loaded[name], saved[name], rtol=0, atol=1e-9, msg=name)
+
+    tuned, fresh = tmp_path / "tuned", tmp_path / "fresh"
+    main([*common, "--init-from", str(first), "--max-steps", "4", "--lr", "1e-3", "--output-dir", str(tuned)])
+    main([*common, "--tokenizer", str(first), "--hidden-size", "32", "--max-steps", "4", "--lr", "1e-3",
+          "--output-dir", str(fresh)])
+    summary = json.loads((tuned / "training_summary.json").read_text())
+    assert summary["dataset"] == str(new_data) and summary["steps"] == 4
+    assert summary["config"]["init_from"] == str(first) and summary["config"]["hidden_size"] == 32
+    # The pretrained model starts far lower on the new data than the same model from scratch.
+    assert step_losses(tuned)[1] < step_losses(fresh)[1] - 0.5, (step_losses(tuned), step_losses(fresh))
+
+
+def test_init_from_something_else_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: init_from='no/such/folder': not a save_pretrained folder, a "
+                                         r"run's checkpoint or a reachable Hub model \("):
+        main([*TINY, "--init-from", "no/such/folder", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_match_one_process(tmp_path):
+    """docs/pretraining.md's multi-node recipe, run as 2 nodes x 1 process on 127.0.0.1 over gloo (one launcher per
+    node, a shared output folder): the same trajectory as 1 process with both nodes' rows."""
+    common = [*TINY, "--max-steps", "4", "--eval-every", "4", "--save-every", "2"]
+    run([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [*accelerate_launch("--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
+                                str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                                "--mixed_precision", "no", "--dynamo_backend", "no"),
+             str(SCRIPT), *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
+            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "2 process(es), distributed mode MULTI_CPU" in outputs[0][0]
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+    assert sorted(path.name for path in (tmp_path / "two" / "checkpoints" / "step-0000004").glob("data_state_*")) == [
+        "data_state_rank0.json", "data_state_rank1.json"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_trainer_steps_run_one_by_one(tmp_path):
+    """The loop's named steps, driven by hand as `train` drives them: set-up, optimizer steps, evaluation, a
+    checkpoint, the final folder."""
+    from minrnn_training.config import parse_args
+    from minrnn_training.loop import Trainer, preflight
+
+    config, options = parse_args([*TINY, "--batch-size", "2", "--max-steps", "2", "--sample-tokens", "0",
+                                  "--output-dir", str(tmp_path / "out")])
+    trainer = Trainer(config, options, preflight(config, options))
+    first, second = trainer.train_step(0), trainer.train_step(1)
+    assert (first["step"], second["step"]) == (1, 2) and second["tokens_seen"] == 2 * 2 * 32
+    assert second["loss"] < first["loss"] and math.isfinite(second["grad_norm"])
+    eval_loss = trainer.evaluate(2)
+    trainer.save(2)
+    summary = trainer.finish(eval_loss)
+    assert [r["step"] for r in train_log(tmp_path / "out")] == [1, 2, 2]
+    assert (tmp_path / "out" / "checkpoints" / "step-0000002" / "tokenizer" / "tokenizer.json").is_file()
+    assert summary["model_files"] and all((tmp_path / "out" / name).is_file() for name in summary["model_files"])
+
+
+@pytest.mark.slow
+def test_init_from_a_hub_model_id(tmp_path):
+    """`--init-from user/model` downloads the model and its tokenizer from the Hub (the loopback one of
+    tests/hub_server.py) and trains from its weights."""
+    import os
+
+    import torch
+    from hub_server import LoopbackHub
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    main([*TINY, "--batch-size", "2", "--max-steps", "2", "--sample-tokens", "0", "--output-dir", str(first)])
+    files = json.loads((first / "training_summary.json").read_text())["model_files"]
+    with LoopbackHub(tokens={"hf_secret": "alice"}) as hub:
+        hub_env = {**env(), "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_secret",
+                   "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            hub_env.pop(key, None)
+        upload = ("from huggingface_hub import HfApi; api = HfApi(); api.create_repo('alice/tiny'); "
+                  f"api.upload_folder(folder_path={str(first)!r}, repo_id='alice/tiny', allow_patterns={files!r})")
+        subprocess.run([sys.executable, "-c", upload], env=hub_env, check=True, capture_output=True, timeout=300)
+        tuned = tmp_path / "tuned"
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), *TINY, "--init-from", "alice/tiny", "--batch-size", "2", "--max-steps", "1",
+             "--lr", "1e-12", "--min-lr", "1e-12", "--sample-tokens", "0", "--output-dir", str(tuned)],
+            cwd=REPO, env=hub_env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from alice/tiny" in result.stdout and os.path.isdir(tmp_path / "hf_home")
+    before, after = load_file(first / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-9, msg=name)

@@ -1,4 +1,4 @@
-"""Exact loss gradients over a sequence longer than memory: checkpointing over time.
+"""Exact loss gradients over a sequence longer than memory: checkpointing over time, through accelerate.
 
 A minGRU/minLSTM block carries its whole past in its cache layer (the state `h` and the conv window), so a long
 sequence splits into chunks that continue exactly where the previous one stopped. `chunked_backward` runs the
@@ -7,8 +7,14 @@ each chunk is recomputed with a graph from its saved entering state and backprop
 loss plus the gradient that the later chunks sent to its final state; the gradient that reaches its entering
 state goes on to the chunk before. The result is the gradient of the full-sequence loss, in the memory of one
 chunk's activations plus one state per chunk boundary.
+
+Every chunk's backward is `accelerator.backward` (gradient accumulation's division, fp16's loss scaler), and all
+but the last one run under `accelerator.no_sync`: under DDP the gradients are all-reduced once per micro-step, as
+for one full backward, not once per chunk. A training algorithm, so it lives here and not in the model package
+(which ships as remote code and holds the model and inference only).
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.utils import ModelOutput
 
-from .cache_minrnn import LayerState, layer_states
+from modeling_minrnn.cache_minrnn import LayerState, layer_states
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
 
@@ -101,6 +107,7 @@ def _check_inputs(input_ids, labels, attention_mask, chunk_size, num_items_in_ba
 
 
 def chunked_backward(
+    accelerator,
     model,
     input_ids: torch.LongTensor,
     labels: torch.LongTensor | None = None,
@@ -109,19 +116,20 @@ def chunked_backward(
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> ChunkedBackwardOutput:
     """Next-token loss over `input_ids` `(batch, seq)` and its exact gradients, accumulated into every parameter's
-    `.grad`, in memory bounded by `chunk_size` tokens of activations whatever `seq` is.
+    `.grad` by `accelerator.backward`, in memory bounded by `chunk_size` tokens of activations whatever `seq` is.
 
-    Equals `model(input_ids, labels=labels, attention_mask=attention_mask).loss.backward()` (up to float rounding):
-    the targets are `labels` (default `input_ids`) shifted by one, -100 ignored, and the loss is their mean (or
-    their sum over `num_items_in_batch`, for gradient accumulation over calls). Gradients add to `.grad` as a
-    `backward()` does. In training mode each chunk is recomputed under the random state of its first pass, so
-    dropout masks match. Costs about one forward more than full backprop.
+    Equals `accelerator.backward(model(input_ids, labels=labels, attention_mask=attention_mask).loss)` (up to float
+    rounding): the targets are `labels` (default `input_ids`) shifted by one, -100 ignored, and the loss is their
+    mean (or their sum over `num_items_in_batch`). Gradients add to `.grad` as a backward does, divided by the
+    accelerator's `gradient_accumulation_steps` and scaled by its fp16 loss scaler, as `accelerator.backward` does;
+    under DDP they are all-reduced once, with the last chunk's backward, and only where `accelerator.accumulate`
+    syncs. In training mode each chunk is recomputed under the random state of its first pass, so dropout masks
+    match. Costs about one forward more than full backprop.
 
-    `model` is a `MinRNNForCausalLM`, or any callable wrapping one (DDP, accelerate) that takes `input_ids`,
-    `attention_mask`, `cache`, `use_cache`, `logits_to_keep` and returns `.logits` and `.cache`.
+    `model` is a `MinRNNForCausalLM`, or the model `accelerator.prepare` returned (DDP, FSDP) for one.
     """
     _check_inputs(input_ids, labels, attention_mask, chunk_size, num_items_in_batch)
-    if getattr(model, "is_activation_checkpointing", False) and model.training:
+    if getattr(accelerator.unwrap_model(model), "is_activation_checkpointing", False) and model.training:
         raise ValueError(
             "`chunked_backward` recomputes each chunk itself, and activation checkpointing drops the cache that "
             "carries the state between chunks: call `model.activation_checkpointing_disable()` first."
@@ -157,7 +165,11 @@ def chunked_backward(
 
     # Backward, last chunk first: recompute with a graph, backprop the chunk's loss and the gradient arriving at its
     # final state, and hand the gradient at its entering state on to the chunk before.
-    loss_sum, state_grads = torch.zeros((), device=device), None
+    # `accelerator.backward` multiplies what it backpropagates by a factor (1 / gradient_accumulation_steps, times
+    # the fp16 loss scale): the gradients handed on carry it, so they are divided by it before they enter the next
+    # chunk's backward, which applies it again. `probe` (0 in the loss, so the value is unchanged) measures it.
+    probe = torch.zeros((), device=device, requires_grad=True)
+    loss_sum, state_grads, factor = torch.zeros((), device=device), None, None
     on_cuda = device.type == "cuda"
     with torch.random.fork_rng(devices=[device] if on_cuda else [], enabled=record_rng,
                                device_type="cuda" if on_cuda else None), torch.enable_grad():
@@ -170,20 +182,23 @@ def chunked_backward(
             else:
                 state = [(h.requires_grad_(), None if conv is None else conv.requires_grad_()) for h, conv in state]
                 layers = [_GraphStateLayer(h, conv) for h, conv in state]
-            chunk_cache = Cache(layers=layers)
             start = starts[index]
-            logits = run(start, chunk_cache).logits
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), targets[:, start : start + chunk_size].flatten(),
-                ignore_index=IGNORE_INDEX, reduction="sum",
-            ) / divisor
-            tensors, grads = [loss], [None]
-            for layer, (grad_h, grad_conv) in zip(layers, state_grads or []):
-                for out, grad in ((layer.recurrent_states[0], grad_h), (layer.conv_states[0], grad_conv)):
-                    if grad is not None and out.requires_grad:
-                        tensors.append(out)
-                        grads.append(grad)
-            torch.autograd.backward(tensors, grads)
+            # DDP all-reduces in the backward of a forward run outside `no_sync`: only the first chunk's, the last
+            # backward of the micro-step (and there only if `accelerator.accumulate` syncs this micro-step).
+            with accelerator.no_sync(model) if index > 0 else nullcontext():
+                logits = run(start, Cache(layers=layers)).logits
+                loss = F.cross_entropy(
+                    logits.float().flatten(0, 1), targets[:, start : start + chunk_size].flatten(),
+                    ignore_index=IGNORE_INDEX, reduction="sum",
+                ) / divisor
+                objective = loss + probe
+                for layer, (grad_h, grad_conv) in zip(layers, state_grads or []):
+                    for out, grad in ((layer.recurrent_states[0], grad_h), (layer.conv_states[0], grad_conv)):
+                        if grad is not None and out.requires_grad:
+                            # d objective / d out = grad / factor: the backward's factor makes it `grad` again.
+                            objective = objective + (out * (grad / factor)).sum()
+                accelerator.backward(objective)
+            factor, probe.grad = probe.grad, None
             loss_sum += loss.detach()
             if state is not None:
                 state_grads = [(h.grad, None if conv is None else conv.grad) for h, conv in state]
