@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.utils import ModelOutput
 
-from modeling_minrnn.cache_minrnn import LayerState, layer_states
+from modeling_minrnn.cache_minrnn import LayerState, MinRNNCache, layer_states
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
 
@@ -37,44 +36,6 @@ class ChunkedBackwardOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     num_items: int | None = None
-
-
-class _GraphStateLayer(LinearAttentionLayer):
-    """One block's state as autograd tensors: each update assigns the new state instead of copying it in place.
-
-    transformers' linear-attention layers copy every new state into the old one's storage (a static address for
-    CUDA graphs). Under autograd that overwrites the entering state, which the scan saved for its backward; here
-    the state after a chunk stays an output of the chunk's graph, which the gradient from later chunks can enter.
-    Built empty (the sequence's start) or holding `h` `(batch, recurrent)` and the conv window
-    `(batch, hidden, conv_kernel)` (None without a conv).
-    """
-
-    def __init__(self, h: torch.Tensor | None = None, conv: torch.Tensor | None = None):
-        super().__init__()
-        if h is not None:
-            self.recurrent_states[0] = h
-            self.is_recurrent_states_initialized[0] = True
-            self.has_previous_state[0] = True
-        if conv is not None:
-            self.conv_states[0] = conv
-            self.conv_kernel_size[0] = conv.shape[-1]
-            self.is_conv_states_initialized[0] = True
-
-    def update_conv_state(self, conv_states, state_idx=0, conv_kernel_size=None, **kwargs):
-        if self.is_conv_states_initialized[state_idx]:
-            full = torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
-        else:  # the sequence's start: the inputs before it are zeros, as the conv's own padding
-            self.conv_kernel_size[state_idx] = conv_kernel_size
-            self.is_conv_states_initialized[state_idx] = True
-            full = F.pad(conv_states, (max(0, conv_kernel_size - conv_states.shape[-1]), 0))
-        self.has_previous_state[state_idx] = True
-        self.conv_states[state_idx] = full[..., -self.conv_kernel_size[state_idx] :]
-        return full
-
-    def update_recurrent_state(self, recurrent_states, state_idx=0, **kwargs):
-        self.recurrent_states[state_idx] = recurrent_states
-        self.is_recurrent_states_initialized[state_idx] = True
-        return recurrent_states
 
 
 def _rng_state(device: torch.device):
@@ -160,7 +121,7 @@ def chunked_backward(
             # Copies: the cache overwrites its state in place on the next chunk.
             entering.append([LayerState(h.clone(), None if conv is None else conv.clone())
                              for h, conv in layer_states(cache)])
-    num_layers = len(entering.pop())  # the state after the last chunk feeds nothing
+    entering.pop()  # the state after the last chunk feeds nothing
     del cache
 
     # Backward, last chunk first: recompute with a graph, backprop the chunk's loss and the gradient arriving at its
@@ -177,26 +138,27 @@ def chunked_backward(
             if record_rng:
                 _set_rng_state(rng_states[index], device)
             state = entering[index]
-            if state is None:
-                layers = [_GraphStateLayer() for _ in range(num_layers)]
-            else:
+            cache = None  # the sequence's start
+            if state is not None:
                 state = [(h.requires_grad_(), None if conv is None else conv.requires_grad_()) for h, conv in state]
-                layers = [_GraphStateLayer(h, conv) for h, conv in state]
+                # The cache copies the entering state into its own buffers: autograd records the copy, so the
+                # gradient reaches `state`; the mixer clones what the scan saves before the cache overwrites it.
+                cache = MinRNNCache.from_layer_states([LayerState(h, conv) for h, conv in state])
             start = starts[index]
             # DDP all-reduces in the backward of a forward run outside `no_sync`: only the first chunk's, the last
             # backward of the micro-step (and there only if `accelerator.accumulate` syncs this micro-step).
             with accelerator.no_sync(model) if index > 0 else nullcontext():
-                logits = run(start, Cache(layers=layers)).logits
+                out = run(start, cache)
                 loss = F.cross_entropy(
-                    logits.float().flatten(0, 1), targets[:, start : start + chunk_size].flatten(),
+                    out.logits.float().flatten(0, 1), targets[:, start : start + chunk_size].flatten(),
                     ignore_index=IGNORE_INDEX, reduction="sum",
                 ) / divisor
                 objective = loss + probe
-                for layer, (grad_h, grad_conv) in zip(layers, state_grads or []):
-                    for out, grad in ((layer.recurrent_states[0], grad_h), (layer.conv_states[0], grad_conv)):
-                        if grad is not None and out.requires_grad:
+                for final, (grad_h, grad_conv) in zip(layer_states(out.cache), state_grads or []):
+                    for tensor, grad in ((final.h, grad_h), (final.conv, grad_conv)):
+                        if grad is not None and tensor is not None and tensor.requires_grad:
                             # d objective / d out = grad / factor: the backward's factor makes it `grad` again.
-                            objective = objective + (out * (grad / factor)).sum()
+                            objective = objective + (tensor * (grad / factor)).sum()
                 accelerator.backward(objective)
             factor, probe.grad = probe.grad, None
             loss_sum += loss.detach()

@@ -16,9 +16,9 @@ import torch
 from accelerate import Accelerator
 from conftest import tiny_model as identity_conv_model
 from pretrain_runs import TINY, TWO_PROCESSES, env, run, step_losses
-from transformers.cache_utils import Cache
+from transformers.cache_utils import DynamicCache
 
-from minrnn_training.chunked_backward import _GraphStateLayer, chunked_backward
+from minrnn_training.chunked_backward import chunked_backward
 
 BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_sequence_memory.py"
 
@@ -162,7 +162,7 @@ def test_dropout_many_chunks_equal_one_graph_over_all_chunks():
     chunk_size = 6
     torch.manual_seed(3)
     model.zero_grad()
-    cache = Cache(layers=[_GraphStateLayer() for _ in range(model.config.num_hidden_layers)])
+    cache = DynamicCache(config=model.config)
     chunks = [slice(start, start + chunk_size) for start in range(0, ids.shape[1], chunk_size)]
     logits = [model(ids[:, c], attention_mask=mask[:, c], cache=cache, use_cache=True).logits for c in chunks]
     logits = torch.cat(logits, dim=1)
