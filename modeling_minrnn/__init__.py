@@ -5,6 +5,8 @@ marks the classes for remote code, so `save_pretrained` writes the code files an
 `from_pretrained(..., trust_remote_code=True)` loads where this package is not installed.
 """
 
+# First: transformers imports torchao whenever it is installed, and torchao's import-time lines are filtered here.
+from . import dependency_noise  # noqa: F401  # isort: skip
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_minrnn import MinRNNCache

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .cache_minrnn import LayerState, MinRNNCache, layer_states
+from .dependency_noise import quiet_export
 
 METADATA_FILE = "minrnn_export.json"
 FORMATS = ("onnx", "executorch")
@@ -537,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     require_runtime(args.format)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     tokenizer_dir = args.checkpoint if Path(args.checkpoint).is_dir() else None
-    out = export(model, args.out, args.format, args.quantize, args.prefill_length, tokenizer_dir)
+    with quiet_export():
+        out = export(model, args.out, args.format, args.quantize, args.prefill_length, tokenizer_dir)
     meta = json.loads((out / METADATA_FILE).read_text())
     print(f"Wrote {', '.join(meta['files'])} and {METADATA_FILE} to {out}")
 

@@ -11,9 +11,9 @@ right before a fence (invisible on a rendered page) changes that, and must give 
 Each block starts in a working directory of its own that holds links to the repository's top-level folders, so
 `scripts/pretrain.py` or `configs/tiny.yaml` resolve as in a checkout, and imports `modeling_minrnn` from this
 checkout. A block that names `out/tiny`, the default pretraining run's output, finds there a run of that same
-command at a toy size. Python blocks are forked from a server process that has imported torch and transformers
-(minrnn only when a block imports it): a block still sees nothing it did not import or build itself, and the
-import is paid once instead of several seconds a block.
+command at a toy size (conftest's `tiny_run`). Python blocks are forked from a server process that has imported
+torch and transformers (minrnn only when a block imports it): a block still sees nothing it did not import or build
+itself, and the import is paid once instead of several seconds a block.
 """
 
 import multiprocessing
@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+from conftest import OFFLINE, docs_env
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -39,7 +40,6 @@ BLOCK = re.compile(r"^(?:<!-- (?P<marker>\w+): (?P<reason>[^\n]*?) -->\n)?```(?P
 CHECKOUT_ENTRIES = ("benchmarks", "configs", "docs", "hub_upload", "modeling_minrnn", "scripts", "pyproject.toml",
                     "README.md", "RESULTS.md")
 # Never ask the network: a block that needs it must say so with a skip marker.
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TIMEOUT_S = 600
 
 
@@ -76,18 +76,6 @@ def test_every_page_has_blocks_that_run():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """`out/tiny` as `accelerate launch scripts/pretrain.py` writes it, from the same script at a toy size."""
-    cwd = tmp_path_factory.mktemp("tiny_run")
-    toy = ["--hidden-size", "32", "--num-hidden-layers", "1", "--intermediate-size", "64", "--block-size", "32",
-           "--tokenizer-vocab-size", "300", "--eval-batches", "1", "--sample-tokens", "0", "--log-with", "none",
-           "--max-steps", "2"]
-    subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), *toy], cwd=cwd, check=True,
-                   capture_output=True, timeout=TIMEOUT_S, env=_env())
-    return cwd / "out" / "tiny"
-
-
-@pytest.fixture(scope="session")
 def forkserver():
     """A multiprocessing context whose processes fork from a server that has imported torch and transformers."""
     context = multiprocessing.get_context("forkserver")
@@ -109,7 +97,7 @@ def forkserver():
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **OFFLINE)
+    return docs_env()
 
 
 def _run_python(name, code, cwd, log):
