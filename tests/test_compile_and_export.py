@@ -33,6 +33,7 @@ def test_fullgraph_compile_of_a_training_step_matches_eager(cell_type, conv_kern
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a fresh process compiling a forward: ~15 s of 2 CPU cores
 def test_a_first_forward_under_compile_has_no_graph_break():
     """In a fresh process (the kernel loader never ran), the first forward is traced whole."""
     script = textwrap.dedent(

@@ -28,12 +28,6 @@ def _run(args, cwd=ROOT, **env):
                           text=True, timeout=600, check=False)
 
 
-def test_importing_the_model_prints_nothing():
-    proc = _run(["-c", "import modeling_minrnn"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (proc.stdout, proc.stderr) == ("", "")
-
-
 def test_the_main_job_prints_only_its_own_lines(tiny_run_process):
     _, proc = tiny_run_process
     assert [line for line in _lines(proc.stderr) if not OURS.match(line)] == []
@@ -62,8 +56,9 @@ def test_an_export_prints_only_what_it_wrote(tiny_run, tmp_path):
     assert proc.stdout.startswith("Wrote model.onnx, prefill.onnx") and proc.stdout.count("\n") == 1, proc.stdout
 
 
-def test_the_filters_keep_everything_else():
-    """The filters drop their one message each, nothing else their loggers say."""
+def test_importing_the_model_prints_nothing_and_the_filters_drop_one_message_each():
+    """`import modeling_minrnn` prints nothing; the filters drop their one message each, nothing else their loggers
+    say, and the export's only within the export."""
     code = ("import logging, modeling_minrnn; from modeling_minrnn.dependency_noise import quiet_export\n"
             "torchao, onnx = logging.getLogger('torchao'), logging.getLogger('torch.onnx._internal.exporter')\n"
             "torchao.warning('Failed to load /x/torchao/_C.so: no')\n"
@@ -73,6 +68,7 @@ def test_the_filters_keep_everything_else():
             "onnx.getChild('_registration').warning('torchvision is not installed')\n")
     proc = _run(["-c", code])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == ""
     lines = _lines(proc.stderr)
     assert len(lines) == 2 and lines[0] == "torchao: something else", proc.stderr
     assert lines[1].endswith("] torchvision is not installed"), proc.stderr  # in torch's own log format
