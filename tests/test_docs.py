@@ -149,3 +149,22 @@ def test_block_runs(name, lang, code, tmp_path, request):
     output = log.read_text(errors="replace")
     elapsed = time.perf_counter() - start
     assert exitcode == 0, f"{name} ({lang}) exited with {exitcode} after {elapsed:.1f} s:\n{output[-4000:]}"
+
+
+def _commands(text: str) -> list[str]:
+    """The command lines of a shell text: comments and blank lines dropped, spaces normalised."""
+    lines = (re.sub(r"(^|\s)#.*$", "", line).strip() for line in text.splitlines())
+    return [" ".join(line.split()) for line in lines if line]
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    """`.ci/run` sets up and tests with the README's own commands, in the README's order: what CI proves is what a
+    new user types (the Install block's first recipe, then the Test block)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    sections = {heading: body for heading, body in re.findall(r"^## (\w[^\n]*)\n(.*?)(?=^## |\Z)", readme,
+                                                                re.DOTALL | re.MULTILINE)}
+    steps = [next(BLOCK.finditer(sections[name]))["code"] for name in ("Install", "Test")]
+    expected = [command for step in steps for command in _commands(step)]
+    assert expected[-1] == "python -m pytest -q"
+    ci = [command for command in _commands((REPO / ".ci" / "run").read_text(encoding="utf-8")) if command in expected]
+    assert ci[:len(expected)] == expected, f".ci/run must run the README's commands in order: {expected}"
