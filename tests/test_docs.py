@@ -168,3 +168,12 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert expected[-1] == "python -m pytest -q"
     ci = [command for command in _commands((REPO / ".ci" / "run").read_text(encoding="utf-8")) if command in expected]
     assert ci[:len(expected)] == expected, f".ci/run must run the README's commands in order: {expected}"
+
+
+def test_files_the_pages_cite_exist():
+    """Every `tests/...`, `scripts/...`, `configs/...` or `benchmarks/...` path the pages name is a file of the
+    checkout (a renamed test file once left the docs pointing at nothing)."""
+    cited = {path for page in PAGES for path in re.findall(
+        r"`((?:tests|scripts|configs|benchmarks)/[\w./-]+\.(?:py|yaml|md|json))`", page.read_text(encoding="utf-8"))}
+    assert cited, "the pattern no longer finds the cited files"
+    assert sorted(path for path in cited if not (REPO / path).is_file()) == []
