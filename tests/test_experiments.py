@@ -143,6 +143,7 @@ def test_shakespeare_rejects_bad_settings(argv, message, tmp_path):
         shakespeare.main(argv + ["--output-dir", str(tmp_path)])
 
 
+@pytest.mark.slow  # three models trained and evaluated: ~10 s of 2 CPU cores; the BPE smoke stays
 def test_shakespeare_smoke(tmp_path, capsys):
     data = tmp_path / "text.txt"
     data.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)

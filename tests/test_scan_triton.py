@@ -226,6 +226,7 @@ else:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow  # every kernel in Triton's Python interpreter, in a second process: ~20 s of 2 CPU cores
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 @pytest.mark.skipif(INTERPRET or DEVICE == "cuda", reason="the kernel tests run directly in this process")
 def test_kernels_in_interpreter():
