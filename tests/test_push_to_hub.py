@@ -250,12 +250,14 @@ def _assert_refused(proc, message: str, folder: Path, before: str):
     assert folder_digest(folder) == before
 
 
+@pytest.mark.slow  # a fresh process for one refusal: ~6 s of 2 CPU cores; the token refusals stay in the default run
 def test_missing_checkpoint_is_refused(hub, tmp_path):
     proc = run_push("--checkpoint", str(tmp_path / "nope"), "--repo-id", REPO_ID, endpoint=hub.endpoint,
                     home=tmp_path)
     assert proc.returncode == 1 and "no such directory" in proc.stderr
 
 
+@pytest.mark.slow  # a fresh process for one refusal: ~6 s of 2 CPU cores; the token refusals stay in the default run
 def test_checkpoint_without_weights_is_refused(checkpoint, hub, tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint[0], folder)
@@ -308,6 +310,7 @@ def test_rejected_token_is_refused_without_printing_it(checkpoint, hub, tmp_path
     assert wrong not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # a fresh process for one refusal: ~6 s of 2 CPU cores; the token refusals stay in the default run
 def test_unreachable_endpoint_is_refused(checkpoint, tmp_path):
     folder, _ = checkpoint
     before = folder_digest(folder)
