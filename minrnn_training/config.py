@@ -157,6 +157,11 @@ class _OneLineErrors(argparse.ArgumentParser):
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The script's docstring as written, then every option with its default (the recipe's value)."""
 
+    def _get_help_string(self, action):
+        if isinstance(action, argparse._StoreFalseAction):  # `--no_x`: the default is shown once, on `--x`
+            return action.help
+        return super()._get_help_string(action)
+
 
 class SettingsParser(_OneLineErrors, HfArgumentParser):
     """transformers' `HfArgumentParser` for `(settings, launch options)` dataclasses, with a recipe file under the
@@ -177,6 +182,8 @@ class SettingsParser(_OneLineErrors, HfArgumentParser):
             (f.default for cls in dataclass_types for f in dataclasses.fields(cls) if f.name == "config"), None)
         self.element_types = {}  # a list setting's converter of one value
         for action in self._actions:
+            if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser gives `--no_x` the help of `--x`
+                action.help = f"set {action.dest} to False (the opposite of --{action.dest})"
             kind = self.recipe_types.get(action.dest)
             if kind is None:
                 continue

@@ -87,9 +87,13 @@ def _local_files(spec: str) -> list[str] | None:
                 os.path.join(part, name) for name in os.listdir(part)
                 if os.path.splitext(name)[1].lower() in LOCAL_BUILDERS
             )
-        if not matches or not all(os.path.isfile(path) for path in matches):
-            raise FileNotFoundError(
-                f"dataset {spec!r}: {part!r} matches no readable file (found {matches or 'nothing'})")
+        if not matches:
+            what = "a folder with no .txt/.jsonl/.json/.parquet file" if os.path.isdir(part) else "matches no file"
+            raise FileNotFoundError(f"--dataset {part}: {what}; give existing files, globs or a Hub dataset id")
+        missing = [path for path in matches if not os.path.isfile(path)]
+        if missing:
+            raise FileNotFoundError(f"--dataset {part}: no such file ({missing[0]}); give existing files, globs "
+                                    "or a Hub dataset id")
         files.extend(matches)
     return files
 

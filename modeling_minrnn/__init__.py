@@ -6,6 +6,8 @@ Importing the package registers model_type "minrnn" with `AutoConfig`, `AutoMode
 where this package is not installed.
 """
 
+# First: transformers imports torchao whenever it is installed, and torchao's import-time lines are filtered here.
+from . import dependency_noise  # noqa: F401  # isort: skip
 import transformers
 from transformers import AutoConfig
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .cache_minrnn import LayerState, MinRNNCache, layer_states
+from .dependency_noise import quiet_export
 
 METADATA_FILE = "minrnn_export.json"
 FORMATS = ("onnx", "executorch")
@@ -575,12 +576,13 @@ def main(argv: list[str] | None = None) -> None:
         check_web_tokenizer(args.checkpoint)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     tokenizer_dir = args.checkpoint if Path(args.checkpoint).is_dir() else None
-    if args.web:
-        for name, folder in export_web(model, args.out, tokenizer_dir, args.prefill_length).items():
-            size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
-            print(f"Wrote the {name} export for the web page to {folder} ({size:.1f} MB)")
-        return
-    out = export(model, args.out, args.format, args.quantize, args.prefill_length, tokenizer_dir)
+    with quiet_export():
+        if args.web:
+            for name, folder in export_web(model, args.out, tokenizer_dir, args.prefill_length).items():
+                size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+                print(f"Wrote the {name} export for the web page to {folder} ({size:.1f} MB)")
+            return
+        out = export(model, args.out, args.format, args.quantize, args.prefill_length, tokenizer_dir)
     meta = json.loads((out / METADATA_FILE).read_text())
     print(f"Wrote {', '.join(meta['files'])} and {METADATA_FILE} to {out}")
 

@@ -1,5 +1,7 @@
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,33 @@ def tinyshakespeare() -> Path:
         pytest.skip(f"needs tinyshakespeare.txt at {path} (python scripts/download_tinyshakespeare.py, or set "
                     "TINYSHAKESPEARE)")
     return path
+
+
+# Never ask the network: a docs block that needs it must say so with a skip marker; the toy run needs none.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def docs_env() -> dict:
+    """The environment of a docs block or the toy run: this checkout's packages, one thread, offline."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **OFFLINE)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_process(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(`out/tiny`, the process) of the README's main job, `scripts/pretrain.py` with no recipe, at a toy size."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    toy = ["--hidden-size", "32", "--num-hidden-layers", "1", "--intermediate-size", "64", "--block-size", "32",
+           "--tokenizer-vocab-size", "300", "--eval-batches", "1", "--sample-tokens", "0", "--log-with", "none",
+           "--max-steps", "2"]
+    process = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain.py"), *toy], cwd=cwd, check=True,
+                             capture_output=True, text=True, timeout=600, env=docs_env())
+    return cwd / "out" / "tiny", process
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_run_process) -> Path:
+    """`out/tiny` as `python scripts/pretrain.py` writes it, from the same script at a toy size."""
+    return tiny_run_process[0]
 
 
 # What a dependency prints to stderr on import, not minrnn: torchao (the `export` extra; transformers imports it

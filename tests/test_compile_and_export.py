@@ -88,6 +88,7 @@ def test_compiled_training_keeps_the_native_kernel_without_recompiling():
     assert not any("cumprod" in op for op in recorder.ops(recorder.forward_graphs[0]))
 
 
+@pytest.mark.slow  # a fresh process compiling a forward: ~15 s of 2 CPU cores
 def test_a_first_forward_under_compile_has_no_graph_break():
     """In a fresh process (the kernel loader never ran), the first forward is traced whole: the availability check
     runs (and loads the kernel) outside the graph."""

@@ -11,9 +11,9 @@ right before a fence (invisible on a rendered page) changes that, and must give 
 Each block starts in a working directory of its own that holds links to the repository's top-level folders, so
 `scripts/pretrain.py` or `configs/tiny.yaml` resolve as in a checkout, and imports `modeling_minrnn` from this
 checkout. A block that names `out/tiny`, the default pretraining run's output, finds there a run of that same
-command at a toy size. Python blocks are forked from a server process that has imported torch and transformers
-(minrnn only when a block imports it): a block still sees nothing it did not import or build itself, and the
-import is paid once instead of several seconds a block.
+command at a toy size (conftest's `tiny_run`). Python blocks are forked from a server process that has imported
+torch and transformers (minrnn only when a block imports it): a block still sees nothing it did not import or build
+itself, and the import is paid once instead of several seconds a block.
 """
 
 import multiprocessing
@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+from conftest import OFFLINE, docs_env
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -39,7 +40,6 @@ BLOCK = re.compile(r"^(?:<!-- (?P<marker>\w+): (?P<reason>[^\n]*?) -->\n)?```(?P
 CHECKOUT_ENTRIES = ("benchmarks", "configs", "docs", "hub_upload", "modeling_minrnn", "scripts", "pyproject.toml",
                     "README.md", "RESULTS.md")
 # Never ask the network: a block that needs it must say so with a skip marker.
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TIMEOUT_S = 600
 
 
@@ -76,18 +76,6 @@ def test_every_page_has_blocks_that_run():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """`out/tiny` as `accelerate launch scripts/pretrain.py` writes it, from the same script at a toy size."""
-    cwd = tmp_path_factory.mktemp("tiny_run")
-    toy = ["--hidden-size", "32", "--num-hidden-layers", "1", "--intermediate-size", "64", "--block-size", "32",
-           "--tokenizer-vocab-size", "300", "--eval-batches", "1", "--sample-tokens", "0", "--log-with", "none",
-           "--max-steps", "2"]
-    subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), *toy], cwd=cwd, check=True,
-                   capture_output=True, timeout=TIMEOUT_S, env=_env())
-    return cwd / "out" / "tiny"
-
-
-@pytest.fixture(scope="session")
 def forkserver():
     """A multiprocessing context whose processes fork from a server that has imported torch and transformers."""
     context = multiprocessing.get_context("forkserver")
@@ -109,7 +97,7 @@ def forkserver():
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **OFFLINE)
+    return docs_env()
 
 
 def _run_python(name, code, cwd, log):
@@ -161,3 +149,31 @@ def test_block_runs(name, lang, code, tmp_path, request):
     output = log.read_text(errors="replace")
     elapsed = time.perf_counter() - start
     assert exitcode == 0, f"{name} ({lang}) exited with {exitcode} after {elapsed:.1f} s:\n{output[-4000:]}"
+
+
+def _commands(text: str) -> list[str]:
+    """The command lines of a shell text: comments and blank lines dropped, spaces normalised."""
+    lines = (re.sub(r"(^|\s)#.*$", "", line).strip() for line in text.splitlines())
+    return [" ".join(line.split()) for line in lines if line]
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    """`.ci/run` sets up and tests with the README's own commands, in the README's order: what CI proves is what a
+    new user types (the Install block's first recipe, then the Test block)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    sections = {heading: body for heading, body in re.findall(r"^## (\w[^\n]*)\n(.*?)(?=^## |\Z)", readme,
+                                                                re.DOTALL | re.MULTILINE)}
+    steps = [next(BLOCK.finditer(sections[name]))["code"] for name in ("Install", "Test")]
+    expected = [command for step in steps for command in _commands(step)]
+    assert expected[-1] == "python -m pytest -q"
+    ci = [command for command in _commands((REPO / ".ci" / "run").read_text(encoding="utf-8")) if command in expected]
+    assert ci[:len(expected)] == expected, f".ci/run must run the README's commands in order: {expected}"
+
+
+def test_files_the_pages_cite_exist():
+    """Every `tests/...`, `scripts/...`, `configs/...` or `benchmarks/...` path the pages name is a file of the
+    checkout (a renamed test file once left the docs pointing at nothing)."""
+    cited = {path for page in PAGES for path in re.findall(
+        r"`((?:tests|scripts|configs|benchmarks)/[\w./-]+\.(?:py|yaml|md|json))`", page.read_text(encoding="utf-8"))}
+    assert cited, "the pattern no longer finds the cited files"
+    assert sorted(path for path in cited if not (REPO / path).is_file()) == []

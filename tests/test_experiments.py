@@ -143,6 +143,7 @@ def test_shakespeare_rejects_bad_settings(argv, message, tmp_path):
         shakespeare.main(argv + ["--output-dir", str(tmp_path)])
 
 
+@pytest.mark.slow  # three models trained and evaluated: ~10 s of 2 CPU cores; the BPE smoke stays
 def test_shakespeare_smoke(tmp_path, capsys):
     data = tmp_path / "text.txt"
     data.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
@@ -179,6 +180,7 @@ def test_shakespeare_smoke(tmp_path, capsys):
     assert [run["test_loss"] for run in again] == [run["test_loss"] for run in runs]
 
 
+@pytest.mark.slow  # a dropout grid, then three seeds: ~30 s of 2 CPU cores
 def test_shakespeare_dropout_grid_then_seeds(tmp_path, capsys):
     data = tmp_path / "text.txt"
     data.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)

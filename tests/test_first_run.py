@@ -85,6 +85,7 @@ def test_failed_build_is_announced_and_exits_non_zero(tmp_path):
     assert proc.stdout == ""
 
 
+@pytest.mark.slow  # a fresh process for one line: ~6 s of 2 CPU cores
 def test_build_ahead_refuses_when_disabled():
     proc = _build_ahead(MINRNN_DISABLE_CPU_EXT="1")
     assert proc.returncode == 1

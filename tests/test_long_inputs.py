@@ -131,6 +131,7 @@ def peak_can_be_reset() -> bool:
         return False
 
 
+@pytest.mark.slow  # a million tokens in a fresh process: ~15 s of 2 CPU cores
 @pytest.mark.skipif(not peak_can_be_reset(), reason="needs Linux's resettable peak RSS (/proc/self/clear_refs)")
 def test_million_token_prefill_in_bounded_memory():
     result = subprocess.run(

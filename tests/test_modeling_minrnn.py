@@ -185,6 +185,7 @@ def test_generate_from_inputs_embeds_matches_input_ids():
     assert torch.equal(from_embeds, from_ids[:, 6:])
 
 
+@pytest.mark.slow  # torch.compile of the decode step: ~15 s of 2 CPU cores
 def test_static_cache_with_torch_compile_matches_eager():
     model = tiny_model()
     ids = torch.randint(3, 48, (2, 6))

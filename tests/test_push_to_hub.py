@@ -217,6 +217,7 @@ print("SNIPPET")
     assert lines[lines.index("SNIPPET") + 1].startswith("Once upon a time")  # the snippet's decoded sample
 
 
+@pytest.mark.slow  # a second full verification run in a fresh process
 def test_reupload_of_unchanged_checkpoint_makes_no_commit(published, checkpoint, hub, tmp_path):
     folder, _ = checkpoint
     commits, head = hub.commit_count(REPO_ID), hub.repos[REPO_ID].branches["main"]
@@ -249,12 +250,14 @@ def _assert_refused(proc, message: str, folder: Path, before: str):
     assert folder_digest(folder) == before
 
 
+@pytest.mark.slow  # a fresh process for one refusal: ~6 s of 2 CPU cores; the token refusals stay in the default run
 def test_missing_checkpoint_is_refused(hub, tmp_path):
     proc = run_push("--checkpoint", str(tmp_path / "nope"), "--repo-id", REPO_ID, endpoint=hub.endpoint,
                     home=tmp_path)
     assert proc.returncode == 1 and "no such directory" in proc.stderr
 
 
+@pytest.mark.slow  # a fresh process for one refusal: ~6 s of 2 CPU cores; the token refusals stay in the default run
 def test_checkpoint_without_weights_is_refused(checkpoint, hub, tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint[0], folder)
@@ -264,6 +267,7 @@ def test_checkpoint_without_weights_is_refused(checkpoint, hub, tmp_path):
     _assert_refused(proc, "no safetensors weights", folder, before)
 
 
+@pytest.mark.slow  # a full verification run in a fresh process
 def test_checkpoint_whose_tokenizer_disagrees_is_refused(checkpoint, hub, tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint[0], folder)
@@ -306,6 +310,7 @@ def test_rejected_token_is_refused_without_printing_it(checkpoint, hub, tmp_path
     assert wrong not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # a fresh process for one refusal: ~6 s of 2 CPU cores; the token refusals stay in the default run
 def test_unreachable_endpoint_is_refused(checkpoint, tmp_path):
     folder, _ = checkpoint
     before = folder_digest(folder)
@@ -349,6 +354,7 @@ def test_card_metadata_holds_only_hub_dataset_ids(dataset, described):
     assert f"| Dataset | {described}" in card
 
 
+@pytest.mark.slow  # a full verification run in a fresh process
 def test_tokenizerless_checkpoint_is_published_with_a_warning(checkpoint, hub, tmp_path):
     """As transformers' push_to_hub: the model alone is published; the card shows token ids in and out."""
     folder = tmp_path / "ckpt"

@@ -278,6 +278,7 @@ def test_cuda_tensors_trace_to_the_triton_operator():
     assert f"{scan_triton._NAMESPACE}.triton_scan_backward.default" in targets, targets
 
 
+@pytest.mark.slow  # every kernel in Triton's Python interpreter, in a second process: ~20 s of 2 CPU cores
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 @pytest.mark.skipif(INTERPRET or DEVICE == "cuda", reason="the kernel tests run directly in this process")
 def test_kernels_in_interpreter():

@@ -32,6 +32,19 @@ def test_recipe_and_overrides():
     web, _ = parse_args(["--config", str(REPO / "configs" / "web_125m.yaml")])
     assert web.streaming and web.mixed_precision == "bf16"
 
+    assert parse_args(["--no-tie-word-embeddings"])[0].tie_word_embeddings is False
+
+
+def test_help_of_a_negated_option_says_what_it_does():
+    """`--no_x` had the help of `--x` (and its own default, False), so it read as its opposite."""
+    from minrnn_training.config import SettingsParser
+
+    text = " ".join(SettingsParser().format_help().split())
+    assert ("--tie_word_embeddings [TIE_WORD_EMBEDDINGS], --tie-word-embeddings [TIE_WORD_EMBEDDINGS] share the "
+            "input embedding and the output head (default: True)") in text
+    assert ("--no_tie_word_embeddings, --no-tie-word-embeddings set tie_word_embeddings to False (the opposite of "
+            "--tie_word_embeddings) --") in text
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--max-stepz", "5"], r"unknown argument '--max-stepz' \(did you mean --max-steps\?\)"),

@@ -100,3 +100,20 @@ def test_processes_and_micro_steps_share_out_one_global_batch(make):
             targets = np.concatenate([parts[micro, rank].targets for micro in (0, 1) for rank in (0, 1)])
             assert (targets == whole.targets).all()
     assert source.state_dict() == {}
+
+
+def test_a_dataset_that_names_no_file_says_so_in_one_line(tmp_path, monkeypatch):
+    from minrnn_training.data import check_local_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(FileNotFoundError, match=r"^--dataset missing\.txt: no such file \(missing\.txt\); give "):
+        check_local_files(["missing.txt"])
+    with pytest.raises(FileNotFoundError, match=r"^--dataset missing\.txt: no such file"):
+        check_local_files(["a.txt,missing.txt"])
+    with pytest.raises(FileNotFoundError, match=r"^--dataset \*\.jsonl: matches no file; "):
+        check_local_files(["*.jsonl"])
+    with pytest.raises(FileNotFoundError, match=r"^--dataset empty: a folder with no \.txt/\.jsonl/\.json/\.parquet"):
+        check_local_files(["empty"])
+    assert check_local_files(["a.txt"]) == ["a.txt"]

@@ -116,7 +116,7 @@ def test_accelerate_configs_are_valid():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--dataset", "missing/file.txt"], r"matches no readable file"),
+    (["--dataset", "missing/file.txt"], r"--dataset missing/file.txt: no such file"),
     (["--dataset", "nobody-h4/no-such-dataset"], r"could not be loaded from the Hub"),
     (["--dataset", "EMPTY"], r"has no text"),
     (["--block-size", "200000"], r"block_size=200000 is larger than the validation data"),
