@@ -6,8 +6,9 @@ One process, side by side, so the ratios hold for the machine of the run. Each m
 AdamW) on the same tokens per step at each length, eager and with `torch.compile(model)` (inductor); the compiled
 rows time steps after the compile (one untimed warm-up step per length). Rows:
 
-- minrnn, native scan: the default, the native CPU kernel (a `torch.library` operator, kept in the compiled graph).
-- minrnn, chunked scan: `scan_backend="chunked"`, the PyTorch scan. Compiled, it is what `torch.compile` ran before
+- minrnn (auto): the default backend, the native CPU kernel where it builds (a `torch.library` operator, kept in the
+  compiled graph).
+- minrnn (chunked scan): `scan_backend="chunked"`, the PyTorch scan. Compiled, it is what `torch.compile` ran before
   the kernel was an operator (it swapped the kernel for this scan while tracing).
 - GPT-2 (sdpa): the same hidden size and layers as `benchmarks/benchmark.py` builds, within 5% of minrnn's
   parameters (GPT-2's position table left out of the count: it costs no compute).
@@ -38,8 +39,8 @@ def candidates(sizes, device):
         return MinRNNForCausalLM(config)
 
     native = resolve_backend("auto", torch.zeros(1, device=device))
-    return {f"minrnn, {native} scan": functools.partial(minrnn, "auto"),
-            "minrnn, chunked scan": functools.partial(minrnn, "chunked"),
+    return {f"minrnn (auto: {native} scan)": functools.partial(minrnn, "auto"),
+            "minrnn (chunked scan)": functools.partial(minrnn, "chunked"),
             "GPT-2 (sdpa)": functools.partial(build_gpt2, sizes)}
 
 
@@ -97,7 +98,7 @@ def report(rows, seqs, machine, command):
         "| --- | " + " | ".join("---" for _ in seqs) + " |",
         f"| {native}: compiled / eager (target >= 1.1x) | "
         + " | ".join(f"{by[(native, 'compile', s)] / by[(native, 'eager', s)]:.2f}x" for s in seqs) + " |",
-        f"| before the kernel was an operator: compiled (chunked) / eager ({native.split(', ')[1]}) | "
+        f"| before the kernel was an operator: {chunked} compiled / {native} eager | "
         + " | ".join(f"{by[(chunked, 'compile', s)] / by[(native, 'eager', s)]:.2f}x" for s in seqs) + " |",
         "| best minrnn / best GPT-2 (target >= 3x at T = 4,096) | "
         + " | ".join(f"{best[s] / gpt2_best[s]:.2f}x" for s in seqs) + " |",
