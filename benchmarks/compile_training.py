@@ -44,9 +44,11 @@ def candidates(sizes, device):
             "GPT-2 (sdpa)": functools.partial(build_gpt2, sizes)}
 
 
-def bench(device, sizes, seqs, tokens_per_step, repeats):
+def bench(device, sizes, seqs, tokens_per_step, repeats, only=None):
     rows = []
     for name, build in candidates(sizes, device).items():
+        if only and not any(word.lower() in name.lower() for word in only):
+            continue
         for mode in ("eager", "compile"):
             torch._dynamo.reset()
             torch.manual_seed(0)
@@ -112,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths (default 1024 4096)")
     parser.add_argument("--tokens-per-step", type=int, default=None, help="tokens per step (default 16384)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per row (default 3)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the rows whose name contains one of these words (e.g. GPT-2); no report")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -121,7 +125,10 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.quick else 3)
     sizes = sizes.__class__(**{**sizes.__dict__, "train_seqs": tuple(seqs)})  # GPT-2's position table covers them
     machine = machine_description(args.device)
-    rows = bench(args.device, sizes, seqs, tokens, repeats)
+    rows = bench(args.device, sizes, seqs, tokens, repeats, args.only)
+    if args.only:
+        print(json.dumps({"machine": machine, "rows": rows}))
+        return None
     command = "python benchmarks/compile_training.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compile_training_{args.device}.md"
