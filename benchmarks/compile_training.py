@@ -6,8 +6,9 @@ One process, side by side, so the ratios hold for the machine of the run. Each m
 AdamW) on the same tokens per step at each length, eager and with `torch.compile(model)` (inductor); the compiled
 rows time steps after the compile (one untimed warm-up step per length). Rows:
 
-- minrnn, native scan: the default, the native CPU kernel (a `torch.library` operator, kept in the compiled graph).
-- minrnn, chunked scan: `scan_backend="chunked"`, the PyTorch scan. Compiled, it is what `torch.compile` ran before
+- minrnn (auto): the default backend, the native CPU kernel where it builds (a `torch.library` operator, kept in the
+  compiled graph).
+- minrnn (chunked scan): `scan_backend="chunked"`, the PyTorch scan. Compiled, it is what `torch.compile` ran before
   the kernel was an operator (it swapped the kernel for this scan while tracing).
 - GPT-2 (sdpa): the same hidden size and layers as `benchmarks/benchmark.py` builds, within 5% of minrnn's
   parameters (GPT-2's position table left out of the count: it costs no compute).
@@ -38,14 +39,16 @@ def candidates(sizes, device):
         return MinRNNForCausalLM(config)
 
     native = resolve_backend("auto", torch.zeros(1, device=device))
-    return {f"minrnn, {native} scan": functools.partial(minrnn, "auto"),
-            "minrnn, chunked scan": functools.partial(minrnn, "chunked"),
+    return {f"minrnn (auto: {native} scan)": functools.partial(minrnn, "auto"),
+            "minrnn (chunked scan)": functools.partial(minrnn, "chunked"),
             "GPT-2 (sdpa)": functools.partial(build_gpt2, sizes)}
 
 
-def bench(device, sizes, seqs, tokens_per_step, repeats):
+def bench(device, sizes, seqs, tokens_per_step, repeats, only=None):
     rows = []
     for name, build in candidates(sizes, device).items():
+        if only and not any(word.lower() in name.lower() for word in only):
+            continue
         for mode in ("eager", "compile"):
             torch._dynamo.reset()
             torch.manual_seed(0)
@@ -97,7 +100,7 @@ def report(rows, seqs, machine, command):
         "| --- | " + " | ".join("---" for _ in seqs) + " |",
         f"| {native}: compiled / eager (target >= 1.1x) | "
         + " | ".join(f"{by[(native, 'compile', s)] / by[(native, 'eager', s)]:.2f}x" for s in seqs) + " |",
-        f"| before the kernel was an operator: compiled (chunked) / eager ({native.split(', ')[1]}) | "
+        f"| before the kernel was an operator: {chunked} compiled / {native} eager | "
         + " | ".join(f"{by[(chunked, 'compile', s)] / by[(native, 'eager', s)]:.2f}x" for s in seqs) + " |",
         "| best minrnn / best GPT-2 (target >= 3x at T = 4,096) | "
         + " | ".join(f"{best[s] / gpt2_best[s]:.2f}x" for s in seqs) + " |",
@@ -111,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths (default 1024 4096)")
     parser.add_argument("--tokens-per-step", type=int, default=None, help="tokens per step (default 16384)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per row (default 3)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the rows whose name contains one of these words (e.g. GPT-2); no report")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -120,7 +125,10 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.quick else 3)
     sizes = sizes.__class__(**{**sizes.__dict__, "train_seqs": tuple(seqs)})  # GPT-2's position table covers them
     machine = machine_description(args.device)
-    rows = bench(args.device, sizes, seqs, tokens, repeats)
+    rows = bench(args.device, sizes, seqs, tokens, repeats, args.only)
+    if args.only:
+        print(json.dumps({"machine": machine, "rows": rows}))
+        return None
     command = "python benchmarks/compile_training.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compile_training_{args.device}.md"

@@ -94,6 +94,36 @@ def test_build_ahead_refuses_when_disabled():
     )
 
 
+@pytest.mark.slow  # two real compiles
+def test_alternating_virtualenvs_and_caches_build_once_each(tmp_path):
+    """Two extension caches, and torch seen through two installation paths (a second virtualenv that links the same
+    torch), used in turn: each cache builds once, announced; every other load is silent. (Keyed by torch's version
+    alone, torch's JIT rebuilt on every switch of installation: its include paths changed.)"""
+    import torch
+
+    linked = tmp_path / "venv_site"
+    linked.mkdir()
+    (linked / "torch").symlink_to(os.path.dirname(torch.__file__), target_is_directory=True)
+    envs = {"real": {"PYTHONPATH": ROOT}, "linked": {"PYTHONPATH": f"{linked}{os.pathsep}{ROOT}"}}
+    caches = {name: str(tmp_path / name) for name in ("cache_1", "cache_2")}
+    libraries = {}
+    for cache, torch_path, builds in [("cache_1", "real", True), ("cache_1", "linked", False),
+                                      ("cache_2", "linked", True), ("cache_2", "real", False),
+                                      ("cache_1", "real", False), ("cache_2", "linked", False)]:
+        proc = _run(["-c", "import torch, sys\nfrom modeling_minrnn import build_kernel\nprint(torch.__file__)\n"
+                     "sys.exit(build_kernel.main([]))"], TORCH_EXTENSIONS_DIR=caches[cache], **envs[torch_path])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        torch_file, ready = proc.stdout.strip().splitlines()[-2:]
+        assert torch_file.startswith(str(linked)) == (torch_path == "linked")
+        announced = own_stderr(proc.stderr)
+        if builds:
+            assert announced.count(COMPILING) == 1 and announced.count(COMPILED) == 1, announced
+        else:
+            assert announced == "", f"{cache} with the {torch_path} torch: {announced}"
+        libraries.setdefault(cache, ready)
+        assert ready == libraries[cache] and ready.startswith(f"native CPU scan kernel ready: {caches[cache]}")
+
+
 def test_loading_a_config_imports_no_kernel(tmp_path):
     """`AutoConfig` on a checkpoint (remote code) imports neither Triton nor the kernel loader, and `import
     modeling_minrnn` not the kernel modules: they come with the first forward that needs them. (The package imports

@@ -392,6 +392,22 @@ def test_cell_torch_compile_traces_through():
         torch.testing.assert_close(g, g_ref)
 
 
+@pytest.mark.parametrize("with_initial", [True, False])
+def test_operators_pass_torch_library_opcheck(with_initial):
+    """The kernels' registrations as torch.library checks a custom operator: schema, fake kernel against the real
+    one, autograd registration, and AOT dispatch (what torch.compile runs), static and dynamic shapes."""
+    from modeling_minrnn import scan_cpu
+
+    log_a, log_b, initial = make_inputs(2, 9, 5, with_initial)
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[1, 4] = True
+    torch.library.opcheck(scan_cpu._scan_op, (log_a, log_b, initial, reset))
+    projections, initial = make_cell_inputs("minlstm", 2, 9, 5, with_initial)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[0, :2] = False
+    torch.library.opcheck(scan_cpu._cell_scan_op, ("minlstm", projections, keep, initial, reset))
+
+
 def test_cell_rejects_bad_arguments():
     projections = torch.zeros(2, 5, 6)
     with pytest.raises(ValueError, match="cell_type.*'gru'"):
@@ -421,16 +437,29 @@ def _python(code, **env):
 
 
 def test_failed_build_reports_unavailable_without_raising(tmp_path):
+    """No working compiler: one warning says why and what to install; "auto" runs the PyTorch scan; asking for the
+    kernel raises with the reason; nothing is rebuilt on each call."""
     process = _python(
-        "from modeling_minrnn.scan_cpu import cpu_scan_available\n"
-        "print('available', cpu_scan_available(), cpu_scan_available())",
+        "import torch\n"
+        "from modeling_minrnn import scan_cpu\n"
+        "from modeling_minrnn.scan import linear_recurrence, resolve_backend\n"
+        "x = torch.zeros(1, 3, 2)\n"
+        "print('available', scan_cpu.cpu_scan_available(), scan_cpu.cpu_scan_available(), resolve_backend(None, x))\n"
+        "print('auto', linear_recurrence(x, x).sum().item())\n"
+        "try:\n"
+        "    scan_cpu.cpu_scan(x, x)\n"
+        "except scan_cpu.KernelUnavailable as error:\n"
+        "    print('raised', error)\n",
         CXX=str(tmp_path / "no-such-compiler"),
         TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"),
     )
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    assert "available False False" in out
-    assert err.count("native CPU scan unavailable") == 1, err
+    assert "available False False chunked" in out and "auto 12.0" in out  # h = 1, 2, 3 in 2 channels
+    raised = next(line for line in out.splitlines() if line.startswith("raised"))
+    assert "could not be built" in raised and "no-such-compiler" in raised and "install a C++ compiler" in raised
+    assert err.count("native CPU scan unavailable") == 1 and err.count("compiling the native CPU scan") == 1, err
+    assert "install a C++ compiler" in err
 
 
 @pytest.mark.slow
