@@ -62,6 +62,18 @@ def own_stderr(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if not _FOREIGN_STDERR.match(line))
 
 
+# The start of a client script that must load minrnn through a checkpoint's own code files: `import modeling_minrnn`
+# fails in it, even with the package installed editable.
+BLOCK_PACKAGE = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "modeling_minrnn":
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
 def reference_scan(log_a, log_b, initial_state=None, reset=None):
     """`h_t = exp(log_a_t) h_{t-1} + exp(log_b_t)` one step at a time in float64; autograd gives the gradients.
 

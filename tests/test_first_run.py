@@ -11,20 +11,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import own_stderr, tiny_model
+from conftest import BLOCK_PACKAGE, own_stderr, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILING = "minrnn: compiling the native CPU scan kernel"
 COMPILED = "minrnn: native CPU scan kernel compiled in"
 
 # Loads a checkpoint through its own code files only and times the load and the first forward.
-FIRST_FORWARD = """
-import json, sys, time
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "modeling_minrnn":
-            raise ModuleNotFoundError(name)
-sys.meta_path.insert(0, _Block())
+FIRST_FORWARD = BLOCK_PACKAGE + """
+import json, time
 start = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM
@@ -38,13 +33,7 @@ print(json.dumps({"module": type(model).__module__, "load_s": loaded - start, "f
 
 
 # Loads a checkpoint's config through its own code files only and lists the kernel modules that came with it.
-CONFIG_ONLY = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "modeling_minrnn":
-            raise ModuleNotFoundError(name)
-sys.meta_path.insert(0, _Block())
+CONFIG_ONLY = BLOCK_PACKAGE + """
 from transformers import AutoConfig
 config = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
 kernels = sorted(m for m in sys.modules if m.partition(".")[0] == "triton" or m.endswith((".scan_cpu", ".scan_triton")))

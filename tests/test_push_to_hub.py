@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BLOCK_PACKAGE
 from hub_server import LoopbackHub  # tests/ is on sys.path (pytest), the repo root too (conftest.py)
 
 from hub_upload.model_card import check_training_summary, render_model_card
@@ -31,14 +32,8 @@ REPO_ID = f"{USER}/minrnn-tiny"
 PROMPT_IDS = [[5, 17, 42, 8, 99, 3]]
 TEXT = "To be, or not to be, that is the question: whether tis nobler in the mind to suffer. " * 8
 
-# Makes `import modeling_minrnn` fail in a client subprocess, even with the package installed editable.
-BLOCK_PACKAGE = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "modeling_minrnn":
-            raise ModuleNotFoundError(name)
-sys.meta_path.insert(0, _Block())
+# `import modeling_minrnn` fails in the client subprocess, and the script checks that it does.
+REMOTE_CODE_ONLY = BLOCK_PACKAGE + """
 try:
     import modeling_minrnn
     raise SystemExit("modeling_minrnn is importable: the test would not check remote code")
@@ -195,7 +190,7 @@ def test_hub_copy_loads_without_the_package_and_matches(published, checkpoint, h
     _, reference = checkpoint
     card = hub.files(REPO_ID)["README.md"].content.decode()
     snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
-    script = BLOCK_PACKAGE + f"""
+    script = REMOTE_CODE_ONLY + f"""
 import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({REPO_ID!r}, trust_remote_code=True)
