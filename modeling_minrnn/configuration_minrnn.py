@@ -29,6 +29,10 @@ class MinRNNConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
         scan_backend (`str`, defaults to `"auto"`): how the recurrence is computed over a sequence; `"auto"` picks
             the fastest correct backend for the device (see `modeling_minrnn.scan`).
+        fused_linear_cross_entropy (`bool`, defaults to `False`): in training mode with `labels`, compute the loss
+            from the last hidden states chunk by chunk (`modeling_minrnn.linear_cross_entropy`) instead of from the
+            full `(tokens, vocab)` logits: faster and lighter, but the output's `logits` is then None. Evaluation
+            mode, generation and a head other than a plain `nn.Linear` (e.g. LoRA on `lm_head`) keep the logits.
         tie_word_embeddings (`bool`, defaults to `True`): share the input embedding and the output head.
         use_cache (`bool`, defaults to `True`): return the recurrent state so generation can continue from it.
 
@@ -53,6 +57,7 @@ class MinRNNConfig(PreTrainedConfig):
     dropout: float = 0.0
     initializer_range: float = 0.02
     scan_backend: str = "auto"
+    fused_linear_cross_entropy: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

@@ -29,6 +29,7 @@ from .cache_minrnn import forget_before, register_tokens
 from .cells import CELLS
 from .configuration_minrnn import MinRNNConfig
 from .packing import check_mask_values, checks_values, padding_mask_from, sequence_starts
+from .linear_cross_entropy import linear_cross_entropy
 from .scan import cell_recurrence
 
 logger = logging.get_logger(__name__)
@@ -387,14 +388,28 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
             use_cache=use_cache, return_dict=True, **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        if labels is not None and self._fuses_loss():
+            # The loss without the (tokens, vocab) logits: nothing to return as logits.
+            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, **loss_kwargs)
+            return CausalLMOutputWithPast(loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states)
 
+        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def _fuses_loss(self) -> bool:
+        # Only a plain linear head: the fused loss reads its weight directly, which would skip an adapter's (LoRA)
+        # or a hook's contribution.
+        return (
+            self.config.fused_linear_cross_entropy and self.training and type(self.lm_head) is nn.Linear
+            and self.lm_head.bias is None and not self.lm_head._forward_hooks and not self.lm_head._forward_pre_hooks
         )
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
