@@ -28,8 +28,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache_minrnn import forget_before, register_tokens
 from .cells import CELLS
 from .configuration_minrnn import MinRNNConfig
-from .packing import check_mask_values, checks_values, padding_mask_from, sequence_starts
 from .linear_cross_entropy import linear_cross_entropy
+from .packing import check_mask_values, checks_values, padding_mask_from, sequence_starts
 from .scan import cell_recurrence
 
 logger = logging.get_logger(__name__)

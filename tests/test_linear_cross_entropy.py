@@ -66,9 +66,11 @@ def test_under_bf16_autocast_it_is_as_accurate_as_the_unfused_loss():
     )
     fused = _loss_and_grads(under_autocast(lambda h, w: linear_cross_entropy(h, w, labels, chunk_size=16)), *fp32)
     assert fused[1].dtype == fused[2].dtype == torch.float32  # the parameters' dtype, as autocast's linear gives
-    for f, u, e in zip(fused, unfused, exact):  # error relative to the largest exact value
-        error = lambda t: ((t.double() - e).abs().max() / e.abs().max()).item()  # noqa: E731
-        assert error(f) <= 2 * error(u) + 1e-6, (error(f), error(u))
+    def error(got, want):  # relative to the largest exact value
+        return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+    for f, u, e in zip(fused, unfused, exact):
+        assert error(f, e) <= 2 * error(u, e) + 1e-6, (error(f, e), error(u, e))
 
 
 def test_mismatched_labels_are_refused_in_one_line():
