@@ -58,8 +58,8 @@ class TrainConfig:
     init_from: str | None = HfArg(
         default=None, help="start from this trained model: a save_pretrained folder (a finished run's output_dir), "
         "a run's checkpoint (output_dir/checkpoints/step-N) or a Hub model id; its architecture, weights and "
-        "tokenizer (unless --tokenizer) are kept, while data, "
-        "schedule, optimizer, dropout and scan_backend are this run's; none = a new model from the settings below")
+        "tokenizer (unless --tokenizer) are kept, while data, schedule, optimizer, dropout, scan_backend and "
+        "fused_linear_cross_entropy are this run's; none = a new model from the settings below")
     cell_type: str = HfArg(default="mingru", help="the recurrent cell (MinRNNConfig.cell_type: mingru, minlstm)")
     hidden_size: int = HfArg(default=128, help="model width")
     num_hidden_layers: int = HfArg(default=3, help="number of blocks")
@@ -69,6 +69,10 @@ class TrainConfig:
     dropout: float = HfArg(default=0.0, help="dropout probability")
     tie_word_embeddings: bool = HfArg(default=True, help="share the input embedding and the output head")
     scan_backend: str = HfArg(default="auto", help="how the recurrence is computed (MinRNNConfig.scan_backend)")
+    fused_linear_cross_entropy: bool = HfArg(
+        default=False, help="compute the training loss chunk by chunk from the hidden states, never the whole "
+        "logits (MinRNNConfig.fused_linear_cross_entropy): the same loss, faster and lighter; saved in the model's "
+        "config, where it leaves the output's logits None in training mode with labels")
     vocab_size: int | None = HfArg(default=None, help="model vocabulary; none = the tokenizer's size")
     # Optimisation: global batch = batch_size * processes * gradient_accumulation_steps blocks.
     block_size: int = HfArg(default=128, help="tokens per training block")
@@ -405,5 +409,6 @@ def model_config(config: TrainConfig, vocab_size: int, tokenizer=None):
         vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         cell_type=config.cell_type, expansion_factor=config.expansion_factor, conv_kernel=config.conv_kernel,
         intermediate_size=config.intermediate_size, dropout=config.dropout, scan_backend=config.scan_backend,
+        fused_linear_cross_entropy=config.fused_linear_cross_entropy,
         tie_word_embeddings=config.tie_word_embeddings, use_cache=True, **special,
     )

@@ -228,10 +228,11 @@ class Trainer:
 
         config, accelerator, tokenizer = self.config, self.accelerator, self.tokenizer
         # With `init_from` the architecture is its model's (preflight copied it into `config`); run settings
-        # (dropout, scan_backend) are this run's.
+        # (dropout, scan_backend, fused_linear_cross_entropy) are this run's.
         if config.init_from and not is_checkpoint(config.init_from):
-            model = MinRNNForCausalLM.from_pretrained(config.init_from, dropout=config.dropout,
-                                                      scan_backend=config.scan_backend)
+            model = MinRNNForCausalLM.from_pretrained(
+                config.init_from, dropout=config.dropout, scan_backend=config.scan_backend,
+                fused_linear_cross_entropy=config.fused_linear_cross_entropy)
         else:
             model = MinRNNForCausalLM(model_config(config, self.vocab_size, tokenizer))
             if config.init_from:

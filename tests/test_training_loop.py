@@ -311,3 +311,19 @@ def test_init_from_a_hub_model_id(tmp_path):
     before, after = load_file(first / "model.safetensors"), load_file(tuned / "model.safetensors")
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-9, msg=name)
+
+
+def test_fused_loss_trains_the_same_steps(tmp_path):
+    """`--fused-linear-cross-entropy`: the same losses step by step (rounding aside), in the saved config."""
+    from minrnn_training.config import parse_args
+    from minrnn_training.loop import Trainer, preflight
+
+    losses = {}
+    for fused in (False, True):
+        extra = ["--fused-linear-cross-entropy"] if fused else []
+        config, options = parse_args([*TINY, "--batch-size", "2", "--max-steps", "3", "--sample-tokens", "0",
+                                      "--output-dir", str(tmp_path / str(fused)), *extra])
+        trainer = Trainer(config, options, preflight(config, options))
+        losses[fused] = [trainer.train_step(step)["loss"] for step in range(3)]
+        assert trainer.model.config.fused_linear_cross_entropy is fused
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
