@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.modeling_outputs import CausalLMOutput
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import FULL, QUICK, build_gpt2, build_minrnn, count_params, machine_description, median_seconds  # noqa: E402
@@ -53,8 +54,7 @@ class GPT2FusedLoss(torch.nn.Module):
 
     def forward(self, input_ids, labels, **kwargs):
         hidden = self.gpt2.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
-        loss = linear_cross_entropy(hidden, self.gpt2.lm_head.weight, labels)
-        return type("Output", (), {"loss": loss})
+        return CausalLMOutput(loss=linear_cross_entropy(hidden, self.gpt2.lm_head.weight, labels))
 
 
 def candidates(sizes, device):
